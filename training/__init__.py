@@ -1,0 +1,1 @@
+"""Training pipeline for the fer-edge emotion model (TensorFlow; never imported by the daemon)."""

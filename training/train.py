@@ -1,0 +1,185 @@
+"""Train a float emotion CNN on FER-2013 with checkpoints that resume.
+
+    python -m training.train --data ../shared/data/fer2013 --out runs/vgg-s --arch vgg-s --epochs 60
+    python -m training.train --data DIR --out runs/q --quick        # minutes-long smoke run (tests)
+
+A killed run continues from its last epoch when started again with the same --out.
+Outputs in --out: best.h5 (best validation accuracy), ckpt/ (resume state), history.csv, run.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import FER_LABELS, DataError, load_dataset
+from .tfenv import keras, tf
+from . import augment, models
+
+log = logging.getLogger("training")
+
+
+def class_weights(y: np.ndarray, n: int, power: float) -> np.ndarray:
+    """Inverse-frequency class weights raised to ``power`` (0 = none, 0.5 = sqrt), mean 1 over samples."""
+    counts = np.bincount(y, minlength=n).astype(np.float64)
+    w = (counts.sum() / np.maximum(counts, 1)) ** power
+    return (w / (w[y].mean())).astype(np.float32)
+
+
+def make_datasets(splits, batch, weights, seed, aug=True):
+    """tf.data pipelines: shuffled, augmented, class-weighted training set and a plain validation set."""
+    n = len(FER_LABELS)
+    tr, va = splits["train"], splits["val"]
+    xtr = tr.x[..., None]
+    ytr = tr.y
+    sw = weights[ytr]
+    ds = tf.data.Dataset.from_tensor_slices((xtr, ytr, sw)).shuffle(len(ytr), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch, drop_remainder=True)
+
+    def prep(x, y, w):
+        x = tf.cast(x, tf.float32) / 255.0
+        if aug:
+            x = augment.augment_batch(x)
+        return x, tf.one_hot(y, n), w
+
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    vds = tf.data.Dataset.from_tensor_slices((va.x[..., None], va.y)).batch(256)
+    vds = vds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, tf.one_hot(y, n))).prefetch(2)
+    return ds, vds
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One plain log line per epoch, history.csv, checkpoint for resume and best model."""
+
+    def __init__(self, out: Path, ckpt: tf.train.CheckpointManager, epoch_var, patience: int):
+        super().__init__()
+        self.out, self.ckpt, self.epoch_var, self.patience = out, ckpt, epoch_var, patience
+        self.t0 = time.time()
+        hist = out / "history.csv"
+        self.best, self.best_epoch = -1.0, 0
+        if hist.exists():
+            rows = list(csv.DictReader(open(hist)))
+            for r in rows:
+                if float(r["val_accuracy"]) > self.best:
+                    self.best, self.best_epoch = float(r["val_accuracy"]), int(r["epoch"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        lr = self.model.optimizer.learning_rate
+        lr = float(lr(self.model.optimizer.iterations)) if callable(lr) else float(lr)
+        row = {"epoch": epoch + 1, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
+               "val_loss": logs.get("val_loss"), "val_accuracy": logs.get("val_accuracy"), "lr": lr,
+               "seconds": round(time.time() - self.t0, 1)}
+        hist = self.out / "history.csv"
+        new = not hist.exists()
+        with open(hist, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if row["val_accuracy"] > self.best:
+            self.best, self.best_epoch = row["val_accuracy"], epoch + 1
+            self.model.save(self.out / "best.h5", include_optimizer=False)
+        self.epoch_var.assign(epoch + 1)
+        self.ckpt.save(checkpoint_number=epoch + 1)
+        print(f"epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} val_loss {row['val_loss']:.4f} "
+              f"val_acc {row['val_accuracy']:.4f} (best {self.best:.4f} @ {self.best_epoch}) lr {lr:.2e} "
+              f"{row['seconds']:.0f}s", flush=True)
+        if self.patience and epoch + 1 - self.best_epoch >= self.patience:
+            print(f"early stop: no val_acc gain for {self.patience} epochs", flush=True)
+            self.model.stop_training = True
+
+
+def train(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(args.seed)
+    splits = load_dataset(args.data, cache_dir=args.cache_dir, seed=args.seed, skip_bad=args.skip_bad)
+    if args.limit:
+        rng = np.random.default_rng(args.seed)
+        for k in ("train", "val"):
+            s = splits[k]
+            idx = rng.permutation(len(s.y))[: args.limit]
+            s.x, s.y = s.x[idx], s.y[idx]
+    tr = splits["train"]
+    print(f"train {len(tr.y)} faces {tr.counts()}, val {len(splits['val'].y)} faces", flush=True)
+    weights = class_weights(tr.y, len(FER_LABELS), args.class_weight_power)
+    ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug)
+    steps = len(tr.y) // args.batch
+    total = max(1, steps * args.epochs)
+    warm = min(steps * args.warmup_epochs, total // 4)
+    sched = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=args.lr / 10 if warm else args.lr, decay_steps=total - warm, alpha=0.01,
+        warmup_target=args.lr if warm else None, warmup_steps=warm)
+    opt = keras.optimizers.AdamW(learning_rate=sched, weight_decay=args.weight_decay)
+    model = models.build(args.arch, size=tr.x.shape[1], n_classes=len(FER_LABELS))
+    model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
+                  metrics=["accuracy"])
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    ck = tf.train.Checkpoint(model=model, optimizer=opt, epoch=epoch_var)
+    mgr = tf.train.CheckpointManager(ck, out / "ckpt", max_to_keep=2)
+    if mgr.latest_checkpoint:
+        ck.restore(mgr.latest_checkpoint)
+        print(f"resumed from {mgr.latest_checkpoint} at epoch {int(epoch_var.numpy())}", flush=True)
+    else:
+        if (out / "history.csv").exists():
+            (out / "history.csv").unlink()
+        print(f"{args.arch}: {model.count_params():,} parameters", flush=True)
+    run = vars(args) | {"labels": FER_LABELS, "params": model.count_params(),
+                        "train_counts": tr.counts(), "val_counts": splits["val"].counts()}
+    (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
+    start = int(epoch_var.numpy())
+    if start >= args.epochs:
+        print("already trained to --epochs; nothing to do", flush=True)
+        return 0
+    model.fit(ds, validation_data=vds, epochs=args.epochs, initial_epoch=start, verbose=0,
+              callbacks=[EpochLog(out, mgr, epoch_var, args.patience)])
+    print(f"done: best val_acc in {out / 'history.csv'}; model {out / 'best.h5'}", flush=True)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="folder with train/ and test/ (Kaggle layout) or fer2013.csv")
+    p.add_argument("--out", required=True, help="run folder (resumes if it holds a checkpoint)")
+    p.add_argument("--arch", default="vgg-s", choices=list(models.ARCHS))
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=int, default=2)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--class-weight-power", type=float, default=0.5, help="0 = no balancing, 0.5 = sqrt inverse freq")
+    p.add_argument("--patience", type=int, default=15, help="early stopping patience in epochs (0 = off)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cache-dir", default=".cache/fer-data")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) corrupt images/rows instead of failing")
+    p.add_argument("--no-aug", action="store_true")
+    p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (debugging)")
+    p.add_argument("--quick", action="store_true", help="tiny net, 2 epochs: a smoke test in seconds")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.arch, args.epochs, args.batch, args.warmup_epochs, args.patience = "tiny", 2, 32, 0, 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return train(args)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
