@@ -1,0 +1,178 @@
+"""Float model -> PTQ baseline and QAT int8 models -> the shipped model bundle.
+
+    TF_USE_LEGACY_KERAS=1 python -m quantization.qat --float runs/vgg-s/best.h5 \
+        --data ../shared/data/fer2013 --out runs/vgg-s/quant --bundle edge/models/fer_emotion
+
+1. Evaluate the float Keras model on the validation split (PublicTest).
+2. PTQ baseline: full-integer conversion (int8 input and output) with representative training faces.
+3. QAT: ``tfmot.quantization.keras.quantize_model``, a short fine-tune with the training augmentation,
+   then the same full-integer conversion.
+4. Both int8 models are evaluated through the daemon's code (``training.evaluate``); the bundle
+   (``.tflite`` + JSON manifest) is written from the QAT model, or from whichever int8 model scores
+   higher with ``--ship best``. ``quant_report.json`` records float vs PTQ vs QAT.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from training.tfenv import keras, tf  # sets TF_USE_LEGACY_KERAS before TF loads
+
+from training.data import FER_LABELS, DataError, load_dataset
+from training.evaluate import evaluate_bundle
+from training.train import class_weights, make_datasets
+
+MARGIN = 0.0  # python -m training.framing: Haar's box is 47/48 of a FER face, YuNet's 49/48
+
+
+def representative(x: np.ndarray, n: int, seed: int):
+    idx = np.random.default_rng(seed).permutation(len(x))[:n]
+
+    def gen():
+        for i in idx:
+            yield [x[i][None, ..., None].astype(np.float32) / 255.0]
+    return gen
+
+
+def to_int8(model, rep) -> bytes:
+    """Full-integer conversion: int8 weights, activations, input and output."""
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = rep
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    return conv.convert()
+
+
+def tensor_quant(tfl: bytes) -> dict:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=tfl)
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    q = lambda d: {"dtype": str(np.dtype(d["dtype"])), "scale": float(d["quantization"][0]),  # noqa: E731
+                   "zero_point": int(d["quantization"][1])}
+    return {"input": q(i), "output": q(o)}
+
+
+def write_bundle(tfl: bytes, stem: Path, *, name: str, version: str, extra: dict) -> Path:
+    """Write ``stem.tflite`` and its manifest ``stem.json`` atomically (tmp + rename)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256(tfl).hexdigest()
+    man = {
+        "format": "fer-edge-model/1",
+        "name": name,
+        "version": version,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "file": stem.with_suffix(".tflite").name,
+        "sha256": sha,
+        "size_bytes": len(tfl),
+        "labels": list(FER_LABELS),
+        "input": {"size": 48, "channels": 1, "color": "gray", "scale": 1.0 / 255.0, "offset": 0.0, "margin": MARGIN,
+                  "note": "x = pixel * scale + offset on the gray face cropped by edge.preprocess.crop_face"},
+        "output": {"activation": "softmax"},
+        "quantization": tensor_quant(tfl),
+    } | extra
+    for suffix, data in ((".tflite", tfl), (".json", json.dumps(man, indent=2).encode())):
+        dst = stem.with_suffix(suffix)
+        tmp = dst.with_suffix(suffix + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dst)
+    return stem.with_suffix(".tflite")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quantization.qat", description=__doc__.splitlines()[0])
+    p.add_argument("--float", dest="float_model", required=True, help="trained float Keras model (.h5)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="folder for ptq/qat models and quant_report.json")
+    p.add_argument("--bundle", default="", help="write the shipped bundle to this stem (e.g. edge/models/fer_emotion)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--name", default="fer-emotion-vgg-s")
+    p.add_argument("--epochs", type=int, default=3, help="QAT fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rep-samples", type=int, default=500)
+    p.add_argument("--ship", choices=["qat", "best"], default="qat")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cache-dir", default=".cache/fer-data")
+    p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (tests)")
+    p.add_argument("--train-run", default="", help="training run folder, for run.json/history in the manifest")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(a.seed)
+    try:
+        splits = load_dataset(a.data, cache_dir=a.cache_dir, seed=a.seed)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    if a.limit:
+        rng = np.random.default_rng(a.seed)
+        for s in splits.values():
+            idx = rng.permutation(len(s.y))[: a.limit]
+            s.x, s.y = s.x[idx], s.y[idx]
+    tr, va = splits["train"], splits["val"]
+    fmodel = keras.models.load_model(a.float_model, compile=False)
+    fprobs = fmodel.predict(va.x[..., None].astype(np.float32) / 255.0, batch_size=256, verbose=0)
+    facc = float((fprobs.argmax(1) == va.y).mean())
+    print(f"float: val acc {facc:.4f}", flush=True)
+    rep = representative(tr.x, a.rep_samples, a.seed)
+
+    ptq = to_int8(fmodel, rep)
+    (out / "ptq.tflite").write_bytes(ptq)
+    ptq_path = write_bundle(ptq, out / "ptq", name=a.name + "-ptq", version=a.version, extra={})
+    ptq_m, _ = evaluate_bundle(ptq_path, va.x, va.y)
+    print(f"ptq:   val acc {ptq_m['accuracy']:.4f} ({len(ptq) / 1e3:.0f} KB)", flush=True)
+
+    import tensorflow_model_optimization as tfmot
+
+    qmodel = tfmot.quantization.keras.quantize_model(fmodel)
+    qmodel.compile(optimizer=keras.optimizers.Adam(a.lr),
+                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    ds, vds = make_datasets(splits, a.batch, class_weights(tr.y, len(FER_LABELS), 0.5), a.seed)
+    hist = qmodel.fit(ds, validation_data=vds, epochs=a.epochs, verbose=2)
+    qat = to_int8(qmodel, rep)
+    qat_path = write_bundle(qat, out / "qat", name=a.name, version=a.version, extra={})
+    qat_m, _ = evaluate_bundle(qat_path, va.x, va.y)
+    print(f"qat:   val acc {qat_m['accuracy']:.4f} ({len(qat) / 1e3:.0f} KB)", flush=True)
+
+    report = {"float_accuracy": round(facc, 4), "ptq": ptq_m, "qat": qat_m,
+              "qat_history": {k: [float(v) for v in vs] for k, vs in hist.history.items()},
+              "val_split": "PublicTest" if len(va.y) == 3589 else "validation", "val_n": int(len(va.y))}
+    (out / "quant_report.json").write_text(json.dumps(report, indent=2))
+    if a.bundle:
+        use_qat = a.ship == "qat" or qat_m["accuracy"] >= ptq_m["accuracy"]
+        tfl, m = (qat, qat_m) if use_qat else (ptq, ptq_m)
+        run = {}
+        if a.train_run and (Path(a.train_run) / "run.json").exists():
+            run = json.loads((Path(a.train_run) / "run.json").read_text())
+        extra = {
+            "quantization_method": "qat" if use_qat else "ptq",
+            "metrics": {"val_split": report["val_split"], "val_n": report["val_n"],
+                        "int8_accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                        "float_accuracy": report["float_accuracy"], "ptq_accuracy": ptq_m["accuracy"],
+                        "qat_accuracy": qat_m["accuracy"],
+                        "per_class_recall": {k: v["recall"] for k, v in m["per_class"].items()}},
+            "training": {"data": "FER-2013 train (27,935 faces, near-duplicates of test removed)",
+                         "arch": run.get("arch"), "params": run.get("params"), "epochs": run.get("epochs"),
+                         "command": "python -m training.train " + " ".join(
+                             f"--{k.replace('_', '-')} {v}" for k, v in run.items()
+                             if k in ("data", "out", "arch", "epochs", "batch", "lr", "seed")),
+                         "qat_epochs": a.epochs},
+        }
+        path = write_bundle(tfl, Path(a.bundle), name=a.name, version=a.version, extra=extra)
+        shutil.copy(out / "quant_report.json", Path(a.bundle).parent / "quant_report.json")
+        print(f"bundle: {path} ({extra['quantization_method']}, val acc {m['accuracy']:.4f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
