@@ -1,0 +1,262 @@
+"""Frame sources with real OpenCV capture (demo clip, video files, image folders) and a fake picamera2 module."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.sources import DEMO_CLIP, Frame, SourceConfig, SourceError, open_source, redact
+
+FAKE_PICAMERA2 = Path(__file__).resolve().parent / "fake_picamera2"
+
+
+def read_all(src, limit: int = 1000, timeout: float = 2.0) -> list[Frame]:
+    frames = []
+    while not src.finished and len(frames) < limit:
+        f = src.read(timeout)
+        if f is not None:
+            frames.append(f)
+    return frames
+
+
+def wait_for(cond, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def write_video(path: Path, n: int, fps: float = 10.0, size=(160, 120)) -> Path:
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    assert vw.isOpened()
+    for i in range(n):
+        vw.write(np.full((size[1], size[0], 3), (i * 4) % 256, np.uint8))
+    vw.release()
+    return path
+
+
+def first_demo_frame() -> np.ndarray:
+    cap = cv2.VideoCapture(str(DEMO_CLIP))
+    for _ in range(20):  # the clip starts with an empty background; frame 19 has a face: asymmetric content
+        ok, img = cap.read()
+    cap.release()
+    assert ok
+    return img
+
+
+def demo_frame_19(**kw) -> Frame:
+    with open_source(SourceConfig(kind="demo", realtime=False, **kw)) as src:
+        frames = [src.read(2.0) for _ in range(20)]
+    assert all(f is not None for f in frames)
+    assert [f.index for f in frames] == list(range(20))  # lossless: nothing dropped
+    return frames[19]
+
+
+def test_demo_source_yields_640x480_frames_at_clip_rate():
+    with open_source(SourceConfig(kind="demo")) as src:
+        assert src.name == "demo"
+        t0 = time.monotonic()
+        frames = [src.read(2.0) for _ in range(6)]
+        elapsed = time.monotonic() - t0
+        assert src.connected and not src.finished
+    assert all(f is not None for f in frames)
+    for f in frames:
+        assert f.image.shape == (480, 640, 3) and f.image.dtype == np.uint8
+        assert abs(f.timestamp - time.time()) < 10
+    assert [f.index for f in frames] == sorted({f.index for f in frames})
+    assert 0.35 < elapsed < 2.0  # paced at the clip's 10 fps, not as fast as decoding
+
+
+def test_rotate_90_swaps_dims_clockwise():
+    ref = first_demo_frame()
+    f = demo_frame_19(rotate=90)
+    assert f.image.shape == (640, 480, 3)
+    expected = cv2.rotate(ref, cv2.ROTATE_90_CLOCKWISE)
+    assert np.abs(f.image.astype(int) - expected).mean() < 1.0
+    assert np.abs(f.image.astype(int) - cv2.rotate(ref, cv2.ROTATE_90_COUNTERCLOCKWISE)).mean() > 5.0
+
+
+@pytest.mark.parametrize("flip,code", [("horizontal", 1), ("vertical", 0), ("both", -1)])
+def test_flip(flip, code):
+    ref = first_demo_frame()
+    f = demo_frame_19(flip=flip)
+    assert f.image.shape == (480, 640, 3)
+    assert np.abs(f.image.astype(int) - cv2.flip(ref, code)).mean() < 1.0
+    assert np.abs(f.image.astype(int) - ref).mean() > 5.0
+
+
+def test_images_folder_survives_a_corrupt_file(tmp_path, caplog):
+    for name, value in (("a.png", 50), ("b.jpg", 100), ("z.png", 200)):
+        cv2.imwrite(str(tmp_path / name), np.full((60, 80, 3), value, np.uint8))
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 this is not a jpeg" * 10)
+    (tmp_path / "notes.txt").write_text("ignored: not an image extension")
+    caplog.set_level(logging.WARNING, logger="edge.sources")
+    with open_source(SourceConfig(kind="images", uri=str(tmp_path), realtime=False)) as src:
+        frames = read_all(src)
+        assert src.finished
+    assert [int(f.image.mean()) for f in frames] == [50, 100, 200]  # sorted order, x.jpg skipped
+    assert src.bad_images == 1
+    assert any(str(tmp_path / "x.jpg") in r.getMessage() for r in caplog.records)
+
+
+def test_images_glob_paced(tmp_path):
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((40, 40), 60 * i, np.uint8))  # gray -> BGR
+    with open_source(SourceConfig(kind="images", uri=str(tmp_path / "*.png"), fps=20)) as src:
+        t0 = time.monotonic()
+        frames = read_all(src)
+    assert len(frames) == 3 and frames[0].image.shape == (40, 40, 3)
+    assert time.monotonic() - t0 >= 0.09  # 3 frames at 20 fps
+
+
+def test_video_file_finishes_and_loops(tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", 20)
+    with open_source(SourceConfig(kind="opencv", uri=str(clip), realtime=False)) as src:
+        assert src.name == f"file:{clip}"
+        frames = read_all(src)
+        assert src.finished and src.read(0.1) is None
+    assert [f.index for f in frames] == list(range(20)) and src.dropped == 0
+    with open_source(SourceConfig(kind="opencv", uri=str(clip), realtime=False, loop=True)) as src:
+        frames = read_all(src, limit=45)
+        assert not src.finished
+    assert [f.index for f in frames] == list(range(45))
+    assert abs(frames[20].image.mean() - frames[0].image.mean()) < 3  # replayed from the start
+
+
+def test_slow_reader_gets_newest_frames_and_drops_are_counted(tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", 40)
+    with open_source(SourceConfig(kind="opencv", uri=str(clip), fps=100)) as src:
+        frames = []
+        while not src.finished:
+            f = src.read(1.0)
+            if f is not None:
+                frames.append(f)
+                time.sleep(0.05)  # a pipeline 5x slower than the source
+    idx = [f.index for f in frames]
+    assert idx == sorted(set(idx))
+    assert src.dropped > 10
+    assert len(frames) + src.dropped == src.frames == 40  # every frame either read or counted as dropped
+    assert idx[-1] == 39  # the newest frame is never lost
+
+
+def test_vanished_file_retries_then_recovers(tmp_path, caplog):
+    clip = write_video(tmp_path / "clip.mp4", 10)
+    data = clip.read_bytes()
+    clip.unlink()
+    caplog.set_level(logging.WARNING, logger="edge.sources")
+    cfg = SourceConfig(kind="opencv", uri=str(clip), realtime=False, reconnect_min_s=0.05, reconnect_max_s=0.1)
+    with open_source(cfg) as src:
+        assert wait_for(lambda: src.reconnects >= 3)
+        assert not src.connected and not src.finished
+        assert src.read(0.1) is None
+        warnings = [r for r in caplog.records if "not found" in r.getMessage()]
+        assert len(warnings) == 1  # logged once, not per retry
+        clip.write_bytes(data)
+        frames = read_all(src)
+    assert len(frames) == 10 and src.finished
+
+
+def test_missing_camera_reports_disconnected_without_raising():
+    cfg = SourceConfig(kind="opencv", uri="/dev/video97", reconnect_min_s=0.05, reconnect_max_s=0.2)
+    src = open_source(cfg)
+    assert src.name == "camera:/dev/video97"
+    src.start()
+    try:
+        assert wait_for(lambda: src.reconnects >= 2)
+        assert not src.connected and not src.finished
+        assert src.read(0.05) is None
+    finally:
+        t0 = time.monotonic()
+        src.stop()
+    assert time.monotonic() - t0 < 1.0  # backoff waits are interruptible
+    assert src.read(5.0) is None  # stopped: returns at once
+
+
+@pytest.fixture
+def picamera2(monkeypatch):
+    monkeypatch.syspath_prepend(str(FAKE_PICAMERA2))
+    monkeypatch.delitem(sys.modules, "picamera2", raising=False)
+    import picamera2 as fake
+
+    fake.reset()
+    yield fake
+    fake.reset()
+    sys.modules.pop("picamera2", None)
+
+
+def test_picamera2_adapter(picamera2):
+    cfg = SourceConfig(kind="picamera2", width=320, height=240, fps=50, rotate=180, flip="horizontal")
+    with open_source(cfg) as src:
+        frames = [src.read(2.0) for _ in range(5)]
+        assert src.connected and src.name == "picamera2:0"
+    cam = picamera2.INSTANCES[0]
+    assert cam.config["main"] == {"size": (320, 240), "format": "RGB888"}
+    assert cam.config["controls"] == {"FrameRate": 50.0}
+    assert cam.calls[:3] == ["create_video_configuration", "configure", "start"]
+    assert cam.calls[-2:] == ["stop", "close"] and cam.closed
+    for f in frames:
+        assert f.image.shape == (240, 320, 3)
+        assert tuple(f.image[100, 100]) == (10, 20, 200)  # RGB888 bytes are already B, G, R: no swap
+    # rotate 180 then flip horizontally = flip vertically: the camera's counter pixel (0, 0) lands at the bottom-left
+    counters = [int(f.image[239, 0, 0]) for f in frames]
+    assert counters == sorted(set(counters)) and counters[-1] < 10
+    assert all(f.image[0, 0, 0] == 10 for f in frames)
+
+
+def test_picamera2_failure_reconnects_with_a_new_camera_object(picamera2, caplog):
+    picamera2.FAIL_AFTER = 3
+    caplog.set_level(logging.INFO, logger="edge.sources")
+    cfg = SourceConfig(kind="picamera2", reconnect_min_s=0.05, reconnect_max_s=0.1)
+    with open_source(cfg) as src:
+        assert wait_for(lambda: picamera2.INSTANCES[0].closed)  # failed after 3 frames and was released
+        picamera2.CAMERAS = 0  # ... and the camera is gone for a while
+        assert wait_for(lambda: src.reconnects >= 3)
+        assert not src.connected and src.read(0.05) is not None  # the newest pre-failure frame is still handed over
+        assert src.read(0.05) is None
+        picamera2.CAMERAS, picamera2.FAIL_AFTER = 1, None  # camera back
+        got = [src.read(1.0) for _ in range(3)]
+        assert src.connected
+    assert all(f is not None for f in got)
+    assert all(c.closed for c in picamera2.INSTANCES)  # every camera object released
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("stopped delivering" in m for m in messages) == 1  # one warning, not one per retry
+    assert any("receiving frames again" in m for m in messages)
+
+
+def test_picamera2_absent_camera_retries(picamera2):
+    picamera2.CAMERAS = 0
+    with open_source(SourceConfig(kind="picamera2", reconnect_min_s=0.05, reconnect_max_s=0.1)) as src:
+        assert wait_for(lambda: src.reconnects >= 2)
+        assert not src.connected and src.read(0.05) is None
+
+
+def test_picamera2_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "picamera2", None)  # makes `import picamera2` raise ImportError
+    with pytest.raises(SourceError, match="sudo apt install python3-picamera2.*--system-site-packages"):
+        open_source(SourceConfig(kind="picamera2"))
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"kind": "webcam"}, "kind"), ({"kind": "opencv"}, "uri"), ({"kind": "images", "uri": " "}, "uri"),
+    ({"rotate": 45}, "rotate"), ({"flip": "sideways"}, "flip"), ({"fps": -1}, "fps"), ({"width": 0}, "width"),
+    ({"reconnect_min_s": 0}, "reconnect_min_s"), ({"reconnect_min_s": 5, "reconnect_max_s": 1}, "reconnect_max_s"),
+])
+def test_validate_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SourceConfig(**kw).validate()
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        open_source(SourceConfig(**kw))
+
+
+def test_stream_names_hide_credentials():
+    assert redact("rtsp://admin:secret@10.0.0.5:554/stream1") == "rtsp://***@10.0.0.5:554/stream1"
+    src = open_source(SourceConfig(kind="opencv", uri="rtsp://admin:secret@10.0.0.5/s"))
+    assert "secret" not in src.name and src.name.startswith("stream:")
