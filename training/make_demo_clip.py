@@ -151,7 +151,6 @@ def choose_faces(fer: Path, detectors, rng: np.random.Generator, bg: np.ndarray)
                 raise SystemExit(f"no detectable {cls} face found in {fer / 'test' / cls}")
         if track.xfade:
             # The half-way blend must still look like a face to the detectors.
-            a, b = track.xfade
             faces = [load_face(p, track.size) for p in track.files]
             blend = faces[0] * 0.5 + faces[1] * 0.5
             if not detectable(blend, track, detectors, bg):
