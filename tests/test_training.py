@@ -1,0 +1,159 @@
+"""Training chain on tiny generated data: loaders (good and bad input), train -> QAT -> int8 -> edge classifier."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from training.data import FER_LABELS, DataError, canonical_label, load_csv, load_dataset, load_folder_split
+
+pytest.importorskip("tensorflow", reason="training tests need the train extra: pip install -e '.[train]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER_NAMES = ["Angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]
+
+
+def synth_faces(n_per_class: int, seed: int = 0):
+    """Class-dependent synthetic 48x48 images (a learnable signal: a bar whose angle depends on the class)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c in range(len(FER_LABELS)):
+        for _ in range(n_per_class):
+            img = (rng.random((48, 48)) * 60 + 60).astype(np.uint8)
+            ang = c * np.pi / len(FER_LABELS)
+            p1 = (int(24 - 18 * np.cos(ang)), int(24 - 18 * np.sin(ang)))
+            p2 = (int(24 + 18 * np.cos(ang)), int(24 + 18 * np.sin(ang)))
+            cv2.line(img, p1, p2, 250, 5)
+            xs.append(img)
+            ys.append(c)
+    return np.stack(xs), np.array(ys)
+
+
+def write_folder(root: Path, n_per_class: int, seed: int = 0, names=FOLDER_NAMES):
+    x, y = synth_faces(n_per_class, seed)
+    for i, (img, c) in enumerate(zip(x, y)):
+        d = root / names[c]
+        d.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / f"img_{i}.png"), img)
+    return x, y
+
+
+@pytest.fixture
+def folder_dataset(tmp_path):
+    write_folder(tmp_path / "ds" / "train", 24, 0)
+    write_folder(tmp_path / "ds" / "test", 6, 1)
+    return tmp_path / "ds"
+
+
+def test_canonical_label_is_tolerant():
+    assert canonical_label("Disgusted") == "disgust"
+    assert canonical_label("fearful") == "fear"
+    assert canonical_label("surprised") == "surprise"
+    assert canonical_label("3_happy") == "happy"
+    assert canonical_label("anger") == "angry"
+    assert canonical_label("cats") is None
+
+
+def test_folder_loader_and_cache(folder_dataset, tmp_path):
+    splits = load_dataset(folder_dataset, cache_dir=tmp_path / "cache")
+    assert splits["train"].x.shape == (24 * 7, 48, 48)
+    assert splits["val"].counts() == {lab: 6 for lab in FER_LABELS}
+    assert list((tmp_path / "cache").glob("*.npz")), "decoded arrays are cached"
+    again = load_dataset(folder_dataset, cache_dir=tmp_path / "cache")
+    assert np.array_equal(again["train"].x, splits["train"].x) and np.array_equal(again["train"].y, splits["train"].y)
+
+
+def test_folder_errors_name_the_problem(folder_dataset):
+    train = folder_dataset / "train"
+    bad = train / "happy" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_folder_split(train)
+    s = load_folder_split(train, skip_bad=True)
+    assert s.skipped == 1 and len(s.y) == 24 * 7
+    bad.unlink()
+    cv2.imwrite(str(train / "sad" / "big.png"), np.zeros((64, 64), np.uint8))
+    with pytest.raises(DataError, match="big.png.*64x64"):
+        load_folder_split(train)
+    (train / "sad" / "big.png").unlink()
+    for f in (train / "fearful").iterdir():
+        f.unlink()
+    (train / "fearful").rmdir()
+    with pytest.raises(DataError, match="missing class folder.*fear"):
+        load_folder_split(train)
+
+
+def test_csv_loader_and_bad_rows(tmp_path):
+    x, y = synth_faces(3)
+    lines = ["emotion,pixels,Usage"]
+    for i, (img, c) in enumerate(zip(x, y)):
+        usage = ["Training", "PublicTest", "PrivateTest"][i % 3]
+        lines.append(f"{c},{' '.join(map(str, img.ravel()))},{usage}")
+    good = tmp_path / "fer2013.csv"
+    good.write_text("\n".join(lines) + "\n")
+    splits = load_csv(good)
+    assert sum(len(s.y) for s in splits.values()) == len(y)
+    assert set(splits) == {"train", "val", "test"}
+    assert np.array_equal(splits["train"].x[0], x[0])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines[:3] + ["4,1 2 3,Training"] + lines[3:]) + "\n")
+    with pytest.raises(DataError, match="row 4: 3 pixels"):
+        load_csv(bad)
+    assert load_csv(bad, skip_bad=True)["train"].skipped == 1
+    bad.write_text("emotion,pixels,Usage\n9," + " ".join(["0"] * 2304) + ",Training\n")
+    with pytest.raises(DataError, match="row 2: emotion 9 out of range"):
+        load_csv(bad)
+
+
+def test_train_cli_reports_data_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "training.train", "--data", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "run"), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "data error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
+    """train --quick -> resume is a no-op -> QAT + PTQ int8 export -> edge classifier agrees with float."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--out", str(run), "--quick",
+           "--cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "epoch 2:" in r.stdout and (run / "best.h5").exists()
+    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert "resumed from" in r2.stdout and "nothing to do" in r2.stdout
+
+    bundle = tmp_path / "bundle" / "fer_emotion"
+    r = subprocess.run([sys.executable, "-m", "quantization.qat", "--float", str(run / "best.h5"), "--data",
+                        str(folder_dataset), "--out", str(tmp_path / "quant"), "--bundle", str(bundle), "--epochs", "1",
+                        "--batch", "32", "--rep-samples", "40", "--cache-dir", str(tmp_path / "cache"),
+                        "--train-run", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "quant" / "quant_report.json").read_text())
+    assert {"float_accuracy", "ptq", "qat"} <= set(report)
+
+    from edge.classify import load_classifier
+    from training.evaluate import predict_split
+    from training.tfenv import keras
+
+    man = json.loads(bundle.with_suffix(".json").read_text())
+    assert man["labels"] == FER_LABELS and man["input"]["size"] == 48
+    assert man["quantization"]["input"]["dtype"] == "int8" and man["quantization"]["output"]["dtype"] == "int8"
+    clf = load_classifier(bundle.with_suffix(".tflite"))
+    assert clf.sha256 == man["sha256"] and clf.input_dtype == np.int8
+
+    # int8 (PTQ, the same weights as float) agrees with the float model within a stated tolerance
+    ptq = load_classifier(tmp_path / "quant" / "ptq.tflite")
+    x, _ = synth_faces(4, seed=5)
+    fmodel = keras.models.load_model(run / "best.h5", compile=False)
+    pf = fmodel.predict(x[..., None].astype(np.float32) / 255.0, verbose=0)
+    pq = predict_split(ptq, x)
+    assert np.abs(pf - pq).max() < 0.08, "int8 probabilities within 0.08 of float"
+    assert (pf.argmax(1) == pq.argmax(1)).mean() >= 0.9
+    probs = clf.predict(np.stack([x[0], x[1], x[2]]))
+    assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
