@@ -1,0 +1,455 @@
+"""The fer-edge daemon: source -> detect -> preprocess -> classify -> track -> events -> MQTT.
+
+Data flows one way through a single loop in the main thread; the only other threads are the source's
+capture thread and the MQTT client's network thread. Signals only set flags that the loop acts on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import cv2
+import numpy as np
+
+from edge.classify import load_classifier
+from edge.config import Config, ConfigError, load_config
+from edge.detect import make_detector
+from edge.events import build_event
+from edge.mqtt import MqttPublisher
+from edge.preprocess import crop_face
+from edge.sdnotify import Notifier
+from edge.sources import open_source
+from edge.track import Tracker
+
+log = logging.getLogger(__name__)
+
+STAGES = ("capture_wait", "detect", "preprocess", "classify", "track_publish", "total")
+# Keys that SIGHUP can apply without restarting (whole sections end with '.').
+LIVE_KEYS = ("track.", "detect.", "mqtt.stats_interval_s", "service.")
+SECRET_KEYS = {"mqtt.password"}
+
+
+class LatencyWindow:
+    """Rolling per-stage latencies over the last ``size`` frames, summarised as p50/p95 in ms."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._data = {s: collections.deque(maxlen=size) for s in STAGES}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self._data[stage].append(seconds)
+
+    def resize(self, size: int) -> None:
+        if size != self.size:
+            self.size = size
+            self._data = {s: collections.deque(d, maxlen=size) for s, d in self._data.items()}
+
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        out = {}
+        for stage, d in self._data.items():
+            if d:
+                p50, p95 = np.percentile(np.fromiter(d, dtype=np.float64), [50, 95])
+                out[stage] = {"p50_ms": round(p50 * 1e3, 2), "p95_ms": round(p95 * 1e3, 2)}
+            else:
+                out[stage] = {"p50_ms": None, "p95_ms": None}
+        return out
+
+
+class RateLimitedLogger:
+    """Logs a recurring error at most once per interval per kind, counting what it suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float):
+        self.logger = logger
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter = collections.Counter()
+
+    def error(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[kind] += 1
+            return
+        self._last[kind] = now
+        n = self._suppressed.pop(kind, 0)
+        suffix = f" ({n} similar errors suppressed)" if n else ""
+        self.logger.error(msg + suffix, *args)
+
+
+def read_cpu_temp(path: str) -> float | None:
+    """CPU temperature in degrees C from a sysfs millidegree file, None if unreadable."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return round(int(f.read().strip()) / 1000.0, 1)
+    except (OSError, ValueError):
+        return None
+
+
+class Service:
+    """Runs the pipeline until stopped by a signal, a limit, or the end of a finite source.
+
+    ``event_sink`` (optional) receives every event payload dict as it is produced, e.g. to print events
+    when MQTT is disabled. ``overrides``/``env``/``base`` are re-applied on SIGHUP reloads of ``cfg.path``.
+    """
+
+    def __init__(self, cfg: Config, *, overrides: Mapping[str, str] | None = None,
+                 env: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None,
+                 event_sink: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.overrides = dict(overrides or {})
+        self.env = os.environ if env is None else env
+        self.base = dict(base or {})
+        self.event_sink = event_sink
+        self.notifier = Notifier(self.env)
+        self.errors = RateLimitedLogger(log, cfg.service.error_log_interval_s)
+        self.latency = LatencyWindow(cfg.service.latency_window)
+        self.counts: collections.Counter = collections.Counter()  # events produced, by type
+        self.error_counts: collections.Counter = collections.Counter()
+        self.frames = 0
+        self.detections = 0
+        self.stop_reason: str | None = None
+        self._reload_requested = False
+        self._stop_event = threading.Event()
+        self.classifier = self.detector = self.tracker = self.publisher = self.source = None
+        self._started_mono = time.monotonic()
+        self._last_stats_mono = self._last_log_stats_mono = self._started_mono
+        self._frames_at_last_stats = 0
+        self._last_fps = 0.0
+
+    # --- control (safe from signal handlers and other threads) ---------------------------------
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask the loop to finish; it flushes open tracks and delivers buffered events first."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop_event.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start everything, run the frame loop, shut down cleanly; returns the process exit code.
+
+        Start-up failures (model, detector, bad config) raise their own exceptions (ModelError,
+        DetectorError, ConfigError) for the CLI to report.
+        """
+        previous = self._install_signal_handlers()
+        try:
+            self._start()
+            try:
+                self._loop()
+            finally:
+                self._shutdown()
+        finally:
+            self._restore_signal_handlers(previous)
+            self.notifier.close()
+        return 0
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        self.notifier.status("loading model")
+        self.classifier = load_classifier(cfg.model.path or None, threads=cfg.model.threads)
+        log.debug("model input %dx%d, margin %.2f, labels %s", self.classifier.input_size,
+                  self.classifier.input_size, self.classifier.margin, ",".join(self.classifier.labels))
+        self.detector = make_detector(cfg.detect)
+        log.info("detector %s (detect_width %d, every_n %d)", self.detector.name,
+                 cfg.detect.detect_width, cfg.detect.every_n)
+        # Build the source before going online so a source that can never work fails before "online".
+        self.source = open_source(cfg.source)
+        self.tracker = Tracker(cfg.track, list(self.classifier.labels))
+        if cfg.mqtt.enabled:
+            self.publisher = MqttPublisher(cfg.mqtt, cfg.device.id)
+            self.publisher.start()
+        else:
+            log.warning("MQTT disabled (mqtt.enabled = false): events are not published")
+        self.source.start()
+        log.info("source %s started (device id %s)", self.source.name, cfg.device.id)
+        self._started_mono = time.monotonic()
+        self._last_stats_mono = self._last_log_stats_mono = self._started_mono
+        self.notifier.ready(f"running: {self.source.name}")
+
+    def _loop(self) -> None:
+        svc = self.cfg.service
+        while not self._stop_event.is_set():
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+            t0 = time.monotonic()
+            frame = self.source.read(timeout=svc.read_timeout_s)
+            waited = time.monotonic() - t0
+            if frame is None:
+                if self.source.finished:
+                    self.stop("source finished")
+                    break
+                # Nothing arrived (camera stalled/reconnecting): still age tracks so faces end.
+                self._emit(self._safe_tracker("predict_only", time.time()))
+            else:
+                self.latency.add("capture_wait", waited)
+                self._process(frame)
+            now = time.monotonic()
+            self.notifier.watchdog(now)
+            self._housekeeping(now)
+            if svc.max_frames and self.frames >= svc.max_frames:
+                self.stop(f"max_frames {svc.max_frames} reached")
+            elif svc.duration_s and now - self._started_mono >= svc.duration_s:
+                self.stop(f"duration {svc.duration_s:g}s reached")
+
+    def _process(self, frame) -> None:
+        """One frame through detect -> preprocess -> classify -> track -> publish; never raises."""
+        self.frames += 1
+        ts = frame.timestamp
+        image = frame.image
+        t_start = time.monotonic()
+        every_n = max(1, self.cfg.detect.every_n)
+        if (self.frames - 1) % every_n == 0:
+            try:
+                boxes = list(self.detector.detect(image))
+            except Exception as e:  # a detector failure on one frame must not kill the daemon
+                self.error_counts["detect"] += 1
+                self.errors.error("detect", "detector failed on frame %d: %s: %s", frame.index,
+                                  type(e).__name__, e)
+                self._emit(self._safe_tracker("predict_only", ts))
+                return
+            self.detections += 1
+        else:
+            # Skipped detection: classify the faces we are already tracking, at their last boxes.
+            boxes = [box for _, box in self.tracker.tracks()]
+        t_det = time.monotonic()
+        self.latency.add("detect", t_det - t_start)
+
+        crops, kept = [], []
+        size, margin = self.classifier.input_size, self.classifier.margin
+        # Convert once per frame, not once per face (crop_face accepts gray images).
+        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if boxes and image.ndim == 3 else image
+        for box in boxes:
+            try:
+                crops.append(crop_face(gray, box, size, margin))
+                kept.append(box)
+            except Exception as e:
+                self.error_counts["preprocess"] += 1
+                self.errors.error("preprocess", "cannot crop face %s on frame %d: %s", box, frame.index, e)
+        t_pre = time.monotonic()
+        self.latency.add("preprocess", t_pre - t_det)
+
+        n_labels = len(self.classifier.labels)
+        probs = np.zeros((0, n_labels), dtype=np.float32)
+        if crops:
+            try:
+                probs = np.asarray(self.classifier.predict(np.stack(crops)), dtype=np.float32)
+                if probs.shape != (len(crops), n_labels) or not np.all(np.isfinite(probs)):
+                    raise ValueError(f"classifier returned shape {probs.shape} / non-finite values")
+            except Exception as e:
+                self.error_counts["classify"] += 1
+                self.errors.error("classify", "classifier failed on frame %d: %s: %s", frame.index,
+                                  type(e).__name__, e)
+                self._emit(self._safe_tracker("predict_only", ts))
+                return
+        t_cls = time.monotonic()
+        self.latency.add("classify", t_cls - t_pre)
+
+        if kept or (self.frames - 1) % every_n == 0:
+            events = self._safe_tracker("update", kept, probs, ts)
+        else:
+            events = self._safe_tracker("predict_only", ts)
+        self._emit(events)
+        t_end = time.monotonic()
+        self.latency.add("track_publish", t_end - t_cls)
+        self.latency.add("total", t_end - t_start)
+
+    def _safe_tracker(self, method: str, *args) -> list:
+        try:
+            return getattr(self.tracker, method)(*args)
+        except Exception as e:
+            self.error_counts["track"] += 1
+            self.errors.error("track", "tracker.%s failed: %s: %s", method, type(e).__name__, e)
+            return []
+
+    def _emit(self, events) -> None:
+        for ev in events:
+            payload = build_event(ev, device_id=self.cfg.device.id, model_version=self.classifier.version,
+                                  model_sha256=self.classifier.sha256, source=self.source.name)
+            self.counts[ev.type] += 1
+            # Exact epoch (JSON repr) so tests and operators can match log lines to delivered events.
+            log.debug("event %s %s %s %.2f epoch=%s", ev.type, ev.face_id, ev.emotion, ev.confidence,
+                      json.dumps(payload.get("epoch")))
+            if self.publisher is not None:
+                self.publisher.publish_event(payload)
+            if self.cfg.service.print_events:
+                print(json.dumps(payload, separators=(",", ":")), flush=True)
+            if self.event_sink is not None:
+                try:
+                    self.event_sink(payload)
+                except Exception as e:
+                    self.errors.error("sink", "event sink failed: %s", e)
+
+    def _housekeeping(self, now: float) -> None:
+        interval = self.cfg.mqtt.stats_interval_s
+        if interval > 0 and now - self._last_stats_mono >= interval:
+            stats = self.stats(now)
+            self._last_stats_mono = now
+            self._frames_at_last_stats = self.frames
+            if self.publisher is not None:
+                self.publisher.publish("stats", stats)
+            self.notifier.status(self._status_line(stats))
+        log_interval = self.cfg.service.log_stats_interval_s
+        if log_interval > 0 and now - self._last_log_stats_mono >= log_interval:
+            self._last_log_stats_mono = now
+            log.info("stats: %s", self._status_line(self.stats(now)))
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """Current statistics (the payload of the ``stats`` topic)."""
+        now = time.monotonic() if now is None else now
+        dt = now - self._last_stats_mono
+        if dt >= 0.5:  # avoid a meaningless fps from a tiny interval
+            self._last_fps = (self.frames - self._frames_at_last_stats) / dt
+        mqtt = self.publisher.stats() if self.publisher is not None else None
+        src = self.source
+        return {
+            "device_id": self.cfg.device.id,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "epoch": round(time.time(), 3),
+            "uptime_s": round(now - self._started_mono, 1),
+            "fps": round(self._last_fps, 2),
+            "frames": self.frames,
+            "detections": self.detections,
+            "faces_in_view": self.tracker.active if self.tracker is not None else 0,
+            "latency_ms": self.latency.summary(),
+            "detector": self.detector.name if self.detector is not None else None,
+            "backend": self.classifier.backend if self.classifier is not None else None,
+            "model": {"version": self.classifier.version, "sha256": self.classifier.sha256}
+            if self.classifier is not None else None,
+            "source": {
+                "name": src.name if src is not None else None,
+                "connected": bool(src.connected) if src is not None else False,
+                "reconnects": src.reconnects if src is not None else 0,
+                "dropped_frames": src.dropped if src is not None else 0,
+            },
+            "events": {"produced": sum(self.counts.values()), **{t: self.counts[t] for t in ("new", "update", "end")}},
+            "mqtt": mqtt,
+            "errors": dict(self.error_counts),
+            "cpu_temp_c": read_cpu_temp(self.cfg.service.cpu_temp_path),
+        }
+
+    @staticmethod
+    def _status_line(s: dict[str, Any]) -> str:
+        mq = s["mqtt"]
+        mq_txt = "mqtt off" if mq is None else (
+            f"mqtt {'up' if mq['connected'] else 'DOWN'} buffered {mq['buffered']} dropped {mq['dropped']}")
+        total = s["latency_ms"]["total"]["p50_ms"]
+        return (f"{s['fps']:.1f} fps, {s['faces_in_view']} faces, {s['events']['produced']} events, "
+                f"p50 {total if total is not None else '-'} ms, "
+                f"source {'up' if s['source']['connected'] else 'DOWN'}, {mq_txt}")
+
+    def _shutdown(self) -> None:
+        reason = self.stop_reason or "error"
+        log.info("stopping (%s)", reason)
+        self.notifier.stopping(f"stopping: {reason}")
+        if self.tracker is not None and self.classifier is not None and self.source is not None:
+            self._emit(self._safe_tracker("flush", time.time()))
+        if self.source is not None:
+            try:
+                self.source.stop()
+            except Exception as e:
+                log.warning("source stop failed: %s", e)
+        final = self.stats() if self.classifier is not None else None
+        if self.publisher is not None:
+            if final is not None:
+                self.publisher.publish("stats", final)
+            self.publisher.stop(timeout=self.cfg.service.shutdown_timeout_s)
+            mq = self.publisher.stats()
+            if final is not None:
+                final["mqtt"] = mq
+            if mq["buffered"]:
+                log.warning("%d events could not be delivered within %.1fs (broker unreachable?)",
+                            mq["buffered"], self.cfg.service.shutdown_timeout_s)
+        if final is not None:
+            log.info("final stats: %s", json.dumps(final, separators=(",", ":")))
+        log.info("stopped after %d frames: %d events (new %d, update %d, end %d)", self.frames,
+                 sum(self.counts.values()), self.counts["new"], self.counts["update"], self.counts["end"])
+
+    # --- signals and reload ------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # e.g. embedded in a test or the demo thread: the caller stops us via stop()
+        previous = {}
+
+        def on_stop(signum, _frame):
+            self.stop(signal.Signals(signum).name)
+
+        def on_hup(_signum, _frame):
+            self.request_reload()
+
+        for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup)):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def reload(self) -> None:
+        """Re-read the config file (SIGHUP): apply live-changeable keys, report the rest as needing a restart."""
+        if not self.cfg.path:
+            log.info("reload: no config file in use, nothing to reload")
+            return
+        try:
+            new = load_config(self.cfg.path, self.overrides, self.env, base=self.base)
+        except ConfigError as e:
+            log.error("reload failed, keeping the current configuration: config error: %s", e)
+            return
+        old_flat, new_flat = self.cfg.flat(), new.flat()
+        changed = [k for k in new_flat if new_flat[k] != old_flat[k]]
+        if not changed:
+            log.info("reload: %s unchanged", self.cfg.path)
+            return
+        live = [k for k in changed if k.startswith(LIVE_KEYS)]
+        restart = [k for k in changed if k not in live]
+
+        if any(k.startswith("detect.") for k in live):
+            try:
+                detector = make_detector(new.detect)
+            except Exception as e:
+                log.error("reload: new detector settings rejected, keeping the old ones: %s", e)
+                live = [k for k in live if not k.startswith("detect.")]
+            else:
+                self.detector = detector
+        # Update the section objects in place: the tracker holds a reference to cfg.track.
+        for key in live:
+            section, name = key.split(".", 1)
+            setattr(self.cfg.section(section), name, getattr(new.section(section), name))
+        if "service.log_level" in live:
+            logging.getLogger().setLevel(self.cfg.service.log_level)
+        if "service.latency_window" in live:
+            self.latency.resize(self.cfg.service.latency_window)
+        if "service.error_log_interval_s" in live:
+            self.errors.interval_s = self.cfg.service.error_log_interval_s
+        if any(k.startswith("track.") for k in live):
+            self._apply_track_config()
+
+        def show(k):
+            return f"{k}={'***' if k in SECRET_KEYS else new_flat[k]!r} (was {'***' if k in SECRET_KEYS else old_flat[k]!r})"
+
+        if live:
+            log.info("reload: applied %s", ", ".join(show(k) for k in live))
+        if restart:
+            log.warning("reload: %s changed but need a restart to apply (systemctl restart fer-edge); "
+                        "still using the old values", ", ".join(show(k) for k in restart))
+
+    def _apply_track_config(self) -> None:
+        """Make sure the tracker sees the new track settings (it may copy them at construction)."""
+        tracker_cfg = getattr(self.tracker, "cfg", None)
+        if tracker_cfg is not None and tracker_cfg is not self.cfg.track:
+            for f in dataclasses.fields(self.cfg.track):
+                setattr(tracker_cfg, f.name, getattr(self.cfg.track, f.name))
