@@ -1,0 +1,257 @@
+"""The `fer-edge` command line for real: predict on composed FER-2013 faces, listen on a real broker, the demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from broker import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FER_TEST = SHARED / "data" / "fer2013" / "test"
+LABELS = {"angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"}
+# Faces the demo clip uses (the detectors find them reliably once upscaled).
+FACES = ["happy/PublicTest_848748.jpg", "sad/PublicTest_44164524.jpg"]
+
+
+def model_path() -> Path:
+    from edge.classify import DEFAULT_MODEL
+
+    return Path(os.environ.get("FER_EDGE_MODEL__PATH") or DEFAULT_MODEL)
+
+
+needs_model = pytest.mark.skipif(not model_path().is_file(),
+                                 reason=f"no emotion model at {model_path()} (build the edge/models bundle first)")
+
+
+def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge.cli", *args], cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def clean_env() -> dict:
+    # Keep a model override (used before the bundle exists); drop any other FER_EDGE_* the developer has set.
+    return {k: v for k, v in os.environ.items() if not k.startswith("FER_EDGE_") or k == "FER_EDGE_MODEL__PATH"}
+
+
+@pytest.fixture(scope="module")
+def faces_image(tmp_path_factory) -> tuple[Path, list[tuple[int, int, int]]]:
+    """Two real FER-2013 test faces upscaled to 160 px on a plain background: (path, [(x, y, side)])."""
+    if not FER_TEST.is_dir():
+        pytest.skip(f"FER-2013 test faces not found at {FER_TEST} (../shared beside the repo)")
+    canvas = np.full((300, 520, 3), 110, np.uint8)
+    placed = []
+    for i, rel in enumerate(FACES):
+        face = cv2.imread(str(FER_TEST / rel), cv2.IMREAD_GRAYSCALE)
+        assert face is not None, rel
+        big = cv2.resize(face, (160, 160), interpolation=cv2.INTER_CUBIC)
+        x, y = 40 + i * 260, 70
+        canvas[y:y + 160, x:x + 160] = big[..., None]
+        placed.append((x, y, 160))
+    path = tmp_path_factory.mktemp("img") / "two_faces.png"
+    cv2.imwrite(str(path), canvas)
+    return path, placed
+
+
+def check_face(face: dict) -> None:
+    assert set(face["scores"]) == LABELS
+    assert math.isclose(sum(face["scores"].values()), 1.0, abs_tol=0.02)
+    assert face["emotion"] == max(face["scores"], key=face["scores"].get)
+    assert math.isclose(face["confidence"], face["scores"][face["emotion"]], abs_tol=1e-3)
+
+
+# --- predict ------------------------------------------------------------------------------------------
+
+@needs_model
+def test_predict_finds_both_faces_and_annotates(faces_image, tmp_path):
+    path, placed = faces_image
+    out_png = tmp_path / "annotated.png"
+    r = cli("predict", str(path), "--json", "--annotate", str(out_png))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    (result,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert result["image"] == str(path) and (result["width"], result["height"]) == (520, 300)
+    assert len(result["faces"]) == 2, result
+    for face in result["faces"]:
+        check_face(face)
+        b = face["bbox"]
+        cx, cy = b["x"] + b["w"] / 2, b["y"] + b["h"] / 2
+        assert any(x <= cx <= x + s and y <= cy <= y + s for x, y, s in placed), (b, placed)
+    # One box per placed face, not two on the same one.
+    centers = sorted(f["bbox"]["x"] for f in result["faces"])
+    assert centers[1] - centers[0] > 150
+    annotated = cv2.imread(str(out_png))
+    assert annotated is not None and annotated.shape == (300, 520, 3)
+    assert not np.array_equal(annotated, cv2.imread(str(path)))
+
+
+@needs_model
+def test_predict_reports_bad_files_and_still_processes_the_rest(faces_image, tmp_path):
+    good, _ = faces_image
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
+    missing = tmp_path / "missing.png"
+    r = cli("predict", str(corrupt), str(good), str(missing), "--json")
+    assert r.returncode == 1
+    assert f"error: {corrupt}: not a readable image" in r.stderr
+    assert f"error: {missing}: file not found" in r.stderr
+    assert "Traceback" not in r.stderr
+    results = {d["image"]: d for d in map(json.loads, r.stdout.splitlines())}
+    assert results[str(corrupt)]["error"] and results[str(missing)]["error"]
+    assert len(results[str(good)]["faces"]) == 2
+
+
+@needs_model
+def test_predict_pre_cropped_fer_face_text_output(tmp_path):
+    if not FER_TEST.is_dir():
+        pytest.skip(f"FER-2013 test faces not found at {FER_TEST} (../shared beside the repo)")
+    path = FER_TEST / FACES[0]
+    r = cli("predict", str(path))
+    assert r.returncode == 0, r.stderr
+    assert f"{path}: 1 face (whole image classified as one face)" in r.stdout
+    m = re.search(r"#1 at \d+,\d+ \d+x\d+: (\w+) (\d+)%", r.stdout)
+    assert m and m.group(1) in LABELS, r.stdout
+
+
+def test_predict_usage_errors():
+    r = cli("predict")
+    assert r.returncode == 2 and "IMAGE" in r.stderr and "Traceback" not in r.stderr
+    r = cli("predict", "x.png", "--model", "/nonexistent/model.tflite")
+    assert r.returncode == 2 and "config error: model.path:" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- listen ------------------------------------------------------------------------------------------------
+
+def sample_event(device: str, face_id: str, kind: str = "new") -> dict:
+    from edge.detect import Box
+    from edge.events import build_event
+    from edge.track import TrackEvent
+
+    scores = {"angry": 0.05, "disgust": 0.0, "fear": 0.05, "happy": 0.7, "sad": 0.05, "surprise": 0.1,
+              "neutral": 0.05}
+    now = time.time()
+    summary = None
+    if kind == "end":
+        summary = {"dominant": "happy", "mean_scores": scores, "time_share": {k: (1.0 if k == "happy" else 0.0)
+                                                                                for k in scores}, "frames": 12}
+    ev = TrackEvent(type=kind, face_id=face_id, bbox=Box(10, 20, 100, 100), scores=scores, emotion="happy",
+                    confidence=0.7, first_seen=now - 2, last_seen=now, duration_s=2.0, summary=summary)
+    return build_event(ev, device_id=device, model_version="t", model_sha256="0" * 64, source="test")
+
+
+def start_listen(*args: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "listen", *args], cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # printed once the subscription is acknowledged
+    assert "listening on" in line, line + proc.stderr.read()
+    return proc
+
+
+def publish(broker, topic: str, payloads: list, retain: bool = False) -> None:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}")
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        for p in payloads:
+            data = p if isinstance(p, str) else json.dumps(p)
+            c.publish(topic, data, qos=1, retain=retain).wait_for_publish(5)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_listen_json_receives_published_events(broker):
+    proc = start_listen("--host", broker.host, "--port", str(broker.port), "--device", "pi1", "--json",
+                        "--count", "2", "--timeout", "30")
+    try:
+        events = [sample_event("pi1", "1-aaaa"), sample_event("pi1", "1-aaaa", "end")]
+        publish(broker, "fer-edge/other/faces", [sample_event("other", "9-zzzz")])  # not ours: ignored
+        publish(broker, "fer-edge/pi1/faces", events)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == events
+
+
+def test_listen_all_devices_prints_lines_and_live_summary(broker):
+    proc = start_listen("--host", broker.host, "--port", str(broker.port), "--count", "3", "--timeout", "30")
+    try:
+        publish(broker, "fer-edge/kitchen/status", ["online"], retain=True)
+        publish(broker, "fer-edge/kitchen/faces", [sample_event("kitchen", "1-aaaa"), sample_event("kitchen", "2-bbbb")])
+        publish(broker, "fer-edge/door/faces", [sample_event("door", "1-cccc", "end")])
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "kitchen is online" in out
+    assert re.search(r"kitchen\s+face 2-bbbb\s+new\s+happy\s+70%", out), out
+    assert "= kitchen [online]: 2 in view (1-aaaa happy 70%, 2-bbbb happy 70%), 2 events" in out
+    assert re.search(r"door\s+face 1-cccc\s+end\s+after 2.0s: mostly happy \(100% of the time\), 12 frames", out), out
+    assert "= door [online]: 0 in view, 1 events" in out
+
+
+def test_listen_errors_are_one_line():
+    port = free_port()
+    r = cli("listen", "--host", "127.0.0.1", "--port", str(port), "--count", "1", "--timeout", "2")
+    assert r.returncode == 1
+    assert f"error: cannot connect to MQTT broker at 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    r = cli("listen", "--device", "a/b")
+    assert r.returncode == 2 and "--device" in r.stderr
+
+
+def test_listen_times_out_without_events(broker):
+    r = cli("listen", "--host", broker.host, "--port", str(broker.port), "--count", "1", "--timeout", "1")
+    assert r.returncode == 1 and "timed out after 1s with 0 of 1 events" in r.stderr
+
+
+# --- demo / version ----------------------------------------------------------------------------------------
+
+@needs_model
+def test_demo_starts_its_own_broker_and_prints_events():
+    port = free_port()  # nothing listens here: the demo must start mosquitto itself
+    r = cli("demo", "--mqtt-port", str(port), "--duration", "6", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    from broker import find_mosquitto
+
+    if find_mosquitto():
+        assert "started mosquitto on 127.0.0.1:" in r.stdout
+    lines = r.stdout.splitlines()
+    assert any(re.search(r"\bdemo\s+face \S+\s+new\s+\w+", ln) for ln in lines), r.stdout
+    assert any(re.search(r"face \S+\s+end\s+after", ln) for ln in lines), r.stdout
+    m = re.search(r"demo finished: (\d+) frames .* (\d+) events produced, (\d+) events from (\d+) faces", r.stdout)
+    assert m, r.stdout
+    frames, produced, received = int(m[1]), int(m[2]), int(m[3])
+    assert 30 <= frames <= 70  # ~6 s of a 10 fps clip
+    assert produced == received >= 2
+
+
+@needs_model
+def test_demo_without_mqtt_prints_events_directly():
+    r = cli("demo", "--no-mqtt", "--max-frames", "40", "--set", "source.realtime=false", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"face \S+\s+new\s+\w+", r.stdout), r.stdout
+    m = re.search(r"demo finished: 40 frames .* (\d+) events produced, (\d+) events from", r.stdout)
+    assert m and m[1] == m[2] and int(m[1]) >= 2, r.stdout
+
+
+def test_version():
+    r = cli("version")
+    assert r.returncode == 0
+    import edge
+
+    assert r.stdout.startswith(f"fer-edge {edge.__version__}\n")
+    assert "opencv" in r.stdout and "paho-mqtt" in r.stdout
