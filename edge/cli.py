@@ -414,6 +414,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         secs = time.time() - printer.t0
         print(f"demo finished: {service.frames} frames in {secs:.1f}s ({service.frames / max(secs, 1e-6):.1f} fps); "
               f"{produced} events produced, {printer.summary()}", flush=True)
+        truth = _demo_truth(service.source.frames if service.source is not None else service.frames) \
+            if cfg.source.kind == "demo" else ""
+        if truth:
+            print(f"clip ground truth (FER-2013 labels of the faces shown): {truth}", flush=True)
         return rc
     finally:
         if sub is not None:
@@ -421,6 +425,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sub.disconnect()
         if broker is not None:
             broker.stop()
+
+
+def _demo_truth(frames_played: int) -> str:
+    """The demo clip's labelled faces that appeared in the frames played, e.g. "face 1 happy -> surprise"."""
+    try:
+        from edge.sources import DEMO_CLIP
+
+        meta = json.loads(DEMO_CLIP.with_suffix(".json").read_text())
+        by_track: dict[int, list[str]] = {}
+        for f in meta["faces"]:
+            if f["frames"][0] < frames_played:
+                by_track.setdefault(int(f["track"]), []).append(f["class"])
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return ""
+    return ", ".join(f"face {t} {' -> '.join(c)}" for t, c in sorted(by_track.items()))
 
 
 def _print_payload(printer: EventPrinter, payload: bytes) -> None:

@@ -195,7 +195,11 @@ class Service:
                 self._emit(self._safe_tracker("predict_only", time.time()))
             else:
                 self.latency.add("capture_wait", waited)
-                self._process(frame)
+                try:
+                    self._process(frame)
+                except Exception as e:  # last line of defence: one bad frame never ends the daemon
+                    self.error_counts["frame"] += 1
+                    self.errors.error("frame", "frame %d skipped: %s: %s", frame.index, type(e).__name__, e)
             now = time.monotonic()
             self.notifier.watchdog(now)
             self._housekeeping(now)
@@ -276,8 +280,13 @@ class Service:
 
     def _emit(self, events) -> None:
         for ev in events:
-            payload = build_event(ev, device_id=self.cfg.device.id, model_version=self.classifier.version,
-                                  model_sha256=self.classifier.sha256, source=self.source.name)
+            try:
+                payload = build_event(ev, device_id=self.cfg.device.id, model_version=self.classifier.version,
+                                      model_sha256=self.classifier.sha256, source=self.source.name)
+            except Exception as e:
+                self.error_counts["event"] += 1
+                self.errors.error("event", "cannot build %s event for face %s: %s", ev.type, ev.face_id, e)
+                continue
             self.counts[ev.type] += 1
             # Exact epoch (JSON repr) so tests and operators can match log lines to delivered events.
             log.debug("event %s %s %s %.2f epoch=%s", ev.type, ev.face_id, ev.emotion, ev.confidence,
