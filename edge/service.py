@@ -215,7 +215,8 @@ class Service:
         image = frame.image
         t_start = time.monotonic()
         every_n = max(1, self.cfg.detect.every_n)
-        if (self.frames - 1) % every_n == 0:
+        detect_frame = (self.frames - 1) % every_n == 0
+        if detect_frame:
             try:
                 boxes = list(self.detector.detect(image))
             except Exception as e:  # a detector failure on one frame must not kill the daemon
@@ -229,7 +230,8 @@ class Service:
             # Skipped detection: classify the faces we are already tracking, at their last boxes.
             boxes = [box for _, box in self.tracker.tracks()]
         t_det = time.monotonic()
-        self.latency.add("detect", t_det - t_start)
+        if detect_frame:  # skipped frames would drag the detector's percentiles towards zero
+            self.latency.add("detect", t_det - t_start)
 
         crops, kept = [], []
         size, margin = self.classifier.input_size, self.classifier.margin
@@ -243,7 +245,8 @@ class Service:
                 self.error_counts["preprocess"] += 1
                 self.errors.error("preprocess", "cannot crop face %s on frame %d: %s", box, frame.index, e)
         t_pre = time.monotonic()
-        self.latency.add("preprocess", t_pre - t_det)
+        if boxes:  # per-face stages: frames without faces would report a meaningless ~0 ms
+            self.latency.add("preprocess", t_pre - t_det)
 
         n_labels = len(self.classifier.labels)
         probs = np.zeros((0, n_labels), dtype=np.float32)
@@ -259,9 +262,10 @@ class Service:
                 self._emit(self._safe_tracker("predict_only", ts))
                 return
         t_cls = time.monotonic()
-        self.latency.add("classify", t_cls - t_pre)
+        if crops:
+            self.latency.add("classify", t_cls - t_pre)
 
-        if kept or (self.frames - 1) % every_n == 0:
+        if kept or detect_frame:
             events = self._safe_tracker("update", kept, probs, ts)
         else:
             events = self._safe_tracker("predict_only", ts)
