@@ -255,3 +255,19 @@ def test_version():
 
     assert r.stdout.startswith(f"fer-edge {edge.__version__}\n")
     assert "opencv" in r.stdout and "paho-mqtt" in r.stdout
+
+
+def test_run_startup_errors_exit_2_without_traceback(tmp_path):
+    """Model/detector problems are configuration errors: exit 2 (systemd does not restart-loop on them)."""
+    bad_model = tmp_path / "broken.tflite"
+    bad_model.write_bytes(b"not a flatbuffer")
+    r = cli("run", "--set", f"model.path={bad_model}", "--set", "mqtt.enabled=false", "--max-frames", "1")
+    assert r.returncode == 2, r.stderr
+    assert "error: " in r.stderr and "broken" in r.stderr and "manifest" in r.stderr
+    assert "Traceback" not in r.stderr
+    bad_onnx = tmp_path / "yunet.onnx"
+    bad_onnx.write_bytes(b"garbage")
+    r = cli("run", "--set", "detect.backend=yunet", "--set", f"detect.model_path={bad_onnx}",
+            "--set", "mqtt.enabled=false", "--max-frames", "1")
+    assert r.returncode == 2, r.stderr
+    assert "yunet.onnx" in r.stderr and "Traceback" not in r.stderr
