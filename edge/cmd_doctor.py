@@ -1,0 +1,43 @@
+"""``fer-edge doctor``: check camera, model, broker, clock, disk and CPU; print what to fix (see edge/doctor.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def register(sub) -> None:
+    """Add the doctor sub-command."""
+    p = sub.add_parser(
+        "doctor", help="check camera, model, broker, clock, disk and CPU; print what to fix",
+        description="One line per check: OK, WARN, FAIL or SKIP, with the fix. Exit status 1 if any check "
+                    "failed. Uses the same config as the daemon (default /etc/fer-edge/config.toml).")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="TOML config file (default: $FER_EDGE_CONFIG, else /etc/fer-edge/config.toml if present)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set mqtt.host=broker.local (repeatable)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="longest wait for the first camera frame (default 10)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show the modules' log messages")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edge.config import ConfigError, find_config_path, load_config, parse_set_option
+    from edge.doctor import FAIL, Check, DoctorOptions, run_doctor
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    path = find_config_path(args.config)
+    try:
+        overrides = dict(parse_set_option(item) for item in args.sets)
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(Check("config", FAIL, f"{path or 'built-in defaults'}: {e}",
+                    "fix the file (`fer-edge config --check -c FILE` shows the same error)").line(), flush=True)
+        return 1
+    if args.timeout <= 0:
+        print("error: --timeout must be > 0", file=sys.stderr)
+        return 2
+    return run_doctor(cfg, DoctorOptions(camera_timeout_s=args.timeout))

@@ -1,0 +1,421 @@
+"""``fer-edge doctor``: check everything the daemon needs and say what to fix.
+
+Each check yields one line: ``OK``, ``WARN`` (works, but look at it), ``FAIL`` (the daemon will not work
+as configured) or ``SKIP`` (not applicable here), with the fix on the same line. The exit status is 1 if
+any check failed. Checks use the same modules as the daemon (edge.sources, edge.detect, edge.classify)
+and a real MQTT connection, so a pass means the real thing works.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+
+import numpy as np
+
+OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+MIN_YEAR = 2024
+SERVICE = "fer-edge.service"
+
+# vcgencmd get_throttled bits (Raspberry Pi firmware): now (0-3) and since boot (16-19).
+THROTTLE_BITS = {
+    0: "under-voltage now", 1: "ARM frequency capped now", 2: "throttled now", 3: "soft temperature limit now",
+    16: "under-voltage since boot", 17: "frequency capping since boot", 18: "throttling since boot",
+    19: "soft temperature limit since boot",
+}
+
+
+@dataclass
+class Check:
+    """The result of one check: one output line."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.name:<8} {self.detail}"
+        return text + (f"  -> fix: {self.fix}" if self.fix and self.status != OK else "")
+
+
+@dataclass
+class DoctorOptions:
+    """Thresholds and time limits of the checks."""
+
+    camera_timeout_s: float = 10.0  # first frame; picamera2 needs ~1-2 s to start
+    broker_timeout_s: float = 5.0
+    min_free_mb: float = 100.0  # below: FAIL
+    warn_free_mb: float = 500.0  # below: WARN
+    temp_warn_c: float = 75.0  # Raspberry Pi firmware starts throttling at 80-85 degrees C
+
+
+Runner = Callable[[list[str]], Optional[subprocess.CompletedProcess]]
+
+
+def run_command(cmd: list[str], timeout: float = 5.0) -> Optional[subprocess.CompletedProcess]:
+    """Run a system command quietly; None if it is not installed or hangs."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# --- clock, disk, temperature ------------------------------------------------------------------
+
+def check_clock(now: Optional[float] = None, run: Runner = run_command) -> Check:
+    """Year >= 2024 (a Pi has no RTC: before NTP it boots with an old date) and NTP synchronisation."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    if time.gmtime(now).tm_year < MIN_YEAR:
+        return Check("clock", FAIL, f"system time is {stamp}: not set",
+                     "a Raspberry Pi has no battery clock: connect it to a network with NTP "
+                     "(timedatectl set-ntp true; timedatectl timesync-status); events carry wrong timestamps until then")
+    res = run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"])
+    synced = res.stdout.strip() if res is not None and res.returncode == 0 else ""
+    if synced == "yes":
+        return Check("clock", OK, f"{stamp}, NTP synchronised")
+    if synced == "no":
+        return Check("clock", WARN, f"{stamp}, not NTP-synchronised (yet)",
+                     "check the network and `timedatectl timesync-status`; the time may jump when it syncs")
+    return Check("clock", OK, f"{stamp} (NTP status unknown: no answer from timedatectl)")
+
+
+def check_disk(path: str, opts: DoctorOptions) -> Check:
+    """Free space on the file system holding the state directory."""
+    p = Path(path)
+    note = ""
+    while not p.exists() and p != p.parent:
+        note = f" ({path} does not exist yet: systemd creates it on the first start)"
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError as e:
+        return Check("disk", WARN, f"cannot check free space of {path}: {e}")
+    free_mb = usage.free / 2**20
+    detail = f"{free_mb:,.0f} MB free of {usage.total / 2**30:.1f} GB on {p}{note}"
+    if free_mb < opts.min_free_mb:
+        return Check("disk", FAIL, detail, "free space on the SD card: sudo journalctl --vacuum-size=50M; "
+                                           "sudo apt-get clean; remove old files")
+    if free_mb < opts.warn_free_mb:
+        return Check("disk", WARN, detail, "little space left: sudo journalctl --vacuum-size=50M; sudo apt-get clean")
+    return Check("disk", OK, detail)
+
+
+def parse_throttled(text: str) -> Optional[int]:
+    """The flags of ``vcgencmd get_throttled`` output ("throttled=0x50005"), None if unparseable."""
+    _, _, value = text.strip().partition("=")
+    try:
+        return int(value, 16)
+    except ValueError:
+        return None
+
+
+def describe_throttled(flags: int) -> list[str]:
+    """Human-readable names of the set throttling bits."""
+    return [name for bit, name in THROTTLE_BITS.items() if flags & (1 << bit)]
+
+
+def check_cpu(temp_path: str, opts: DoctorOptions, run: Runner = run_command) -> Check:
+    """CPU temperature (sysfs) and Raspberry Pi throttling/under-voltage flags (vcgencmd, if present)."""
+    temp = None
+    try:
+        with open(temp_path, encoding="ascii") as f:
+            temp = int(f.read().strip()) / 1000.0
+    except (OSError, ValueError):
+        pass
+    parts, problems, fixes = [], [], []
+    if temp is not None:
+        parts.append(f"{temp:.1f} C")
+        if temp >= opts.temp_warn_c:
+            problems.append(f"hot ({temp:.0f} C)")
+            fixes.append("add a heatsink/fan or improve airflow in the enclosure")
+    res = run(["vcgencmd", "get_throttled"])
+    flags = parse_throttled(res.stdout) if res is not None and res.returncode == 0 else None
+    if flags is not None:
+        names = describe_throttled(flags)
+        parts.append(f"throttled=0x{flags:x}")
+        if names:
+            problems.extend(names)
+            if flags & 0x10001:
+                fixes.append("use the official power supply (5 V 3 A for a Pi 4, 5 V 5 A for a Pi 5) and a short cable")
+            if flags & 0xE000E:
+                fixes.append("cool the Pi: heatsink/fan, airflow")
+    if not parts:
+        return Check("cpu", SKIP, f"no temperature at {temp_path} and no vcgencmd (not a Raspberry Pi?)")
+    detail = ", ".join(parts)
+    if problems:
+        return Check("cpu", WARN, f"{detail}: {', '.join(problems)}", "; ".join(dict.fromkeys(fixes)))
+    return Check("cpu", OK, detail + ("" if flags is not None else " (vcgencmd not found: throttling not checked)"))
+
+
+# --- model, detector, source -----------------------------------------------------------------------
+
+def check_model(model_cfg) -> tuple[Check, object]:
+    """Load the classifier and run a self-test prediction; returns (check, classifier or None)."""
+    from edge.classify import ModelError, load_classifier
+
+    where = model_cfg.path or "bundled model"
+    try:
+        clf = load_classifier(model_cfg.path or None, threads=model_cfg.threads)
+    except ModelError as e:
+        return Check("model", FAIL, str(e), "set model.path to a .tflite with its .json manifest, or \"\" for the "
+                                            "bundled model; reinstall fer-edge if the bundled one is broken"), None
+    size = clf.input_size
+    faces = np.stack([np.full((size, size), 128, np.uint8),
+                      np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))])
+    try:
+        t0 = time.perf_counter()
+        probs = np.asarray(clf.predict(faces))
+        ms = (time.perf_counter() - t0) * 1e3 / len(faces)
+    except Exception as e:  # an interpreter failure is exactly what this check is for
+        return Check("model", FAIL, f"{where}: self-test prediction failed: {type(e).__name__}: {e}",
+                     "the model does not run with this TFLite runtime: pip install -U ai-edge-litert"), None
+    if probs.shape != (len(faces), len(clf.labels)) or not np.all(np.isfinite(probs)) \
+            or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        return Check("model", FAIL, f"{where}: self-test gave invalid probabilities (shape {probs.shape})",
+                     "the model file does not match its manifest: re-export it"), None
+    return Check("model", OK, f"{where} v{clf.version} ({clf.sha256[:12]}), {clf.backend}, "
+                              f"{len(clf.labels)} labels, {ms:.1f} ms/face"), clf
+
+
+def check_detector(detect_cfg) -> tuple[Check, object]:
+    """Build the face detector; returns (check, detector or None)."""
+    from edge.detect import DetectorError, make_detector
+
+    try:
+        det = make_detector(detect_cfg)
+    except DetectorError as e:
+        return Check("detector", FAIL, str(e), "fix detect.model_path or use detect.backend = \"haar\""), None
+    return Check("detector", OK, f"{det.name} (detect_width {detect_cfg.detect_width}, min_face {detect_cfg.min_face})"), det
+
+
+def is_camera(source_cfg) -> bool:
+    """True for sources that are a camera device (exclusive: the running daemon holds it)."""
+    if source_cfg.kind == "picamera2":
+        return True
+    uri = source_cfg.uri.strip()
+    return source_cfg.kind == "opencv" and (uri.isdigit() or uri.startswith("/dev/video"))
+
+
+def _source_fix(source_cfg) -> str:
+    kind, uri = source_cfg.kind, source_cfg.uri
+    if kind == "picamera2":
+        return ("check the ribbon cable and `rpicam-hello --list-cameras`; the daemon's user needs the video group; "
+                "python3-picamera2 must be installed and the venv made with --system-site-packages")
+    if is_camera(source_cfg):
+        return (f"check `v4l2-ctl --list-devices` and that {uri if uri.startswith('/dev') else '/dev/video' + uri} "
+                "exists and is readable (video group); try another source.uri")
+    if kind == "opencv" and "://" in uri:
+        return "check the stream URL, credentials and network (try it with ffplay/vlc)"
+    return "check source.uri: the file/folder must exist and contain readable video/images"
+
+
+def check_source(source_cfg, opts: DoctorOptions, service_active: bool = False) -> tuple[Check, object]:
+    """Open the configured source and wait for one frame; returns (check, frame image or None)."""
+    from edge.sources import SourceError, open_source
+
+    if service_active and is_camera(source_cfg):
+        return Check("camera", WARN, f"{source_cfg.kind} {source_cfg.uri or ''} is in use by the running fer-edge "
+                                     "service, not opened".replace("  ", " "),
+                     "to test the camera itself: sudo systemctl stop fer-edge; fer-edge doctor; "
+                     "sudo systemctl start fer-edge"), None
+    try:
+        src = open_source(source_cfg)
+    except (ValueError, SourceError) as e:
+        return Check("camera", FAIL, f"source.kind {source_cfg.kind}: {e}", _source_fix(source_cfg)), None
+    t0 = time.monotonic()
+    frame = None
+    try:
+        src.start()
+        deadline = t0 + opts.camera_timeout_s
+        while frame is None and time.monotonic() < deadline and not src.finished:
+            frame = src.read(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+    finally:
+        src.stop()
+    if frame is None:
+        return Check("camera", FAIL, f"{src.name}: no frame within {opts.camera_timeout_s:g} s",
+                     _source_fix(source_cfg)), None
+    h, w = frame.image.shape[:2]
+    detail = (f"{src.name}: {w}x{h} frame after {time.monotonic() - t0:.1f} s "
+              f"(rotate {source_cfg.rotate}, flip {source_cfg.flip})")
+    if source_cfg.kind == "demo":
+        return Check("camera", WARN, detail + ": the bundled demo clip, not a camera",
+                     "set [source] kind = \"picamera2\" (Pi camera) or kind = \"opencv\" with uri = \"0\" (USB camera)"), frame.image
+    return Check("camera", OK, detail), frame.image
+
+
+def check_view(image, detector, classifier) -> Check:
+    """Faces and emotions in the test frame, so the aim can be judged from the doctor's output too."""
+    from edge.preprocess import crop_face
+
+    boxes = detector.detect(image)
+    if not boxes:
+        return Check("view", OK, "no face in the test frame (fine if nobody is in view; check the aim with "
+                                 "`fer-edge snapshot -o aim.jpg`)")
+    probs = classifier.predict(np.stack([crop_face(image, b, classifier.input_size, classifier.margin) for b in boxes]))
+    faces = ", ".join(f"{b.w}x{b.h} at {b.x},{b.y} {classifier.labels[int(np.argmax(p))]} {float(np.max(p)):.0%}"
+                      for b, p in zip(boxes, probs))
+    return Check("view", OK, f"{len(boxes)} face{'s' if len(boxes) != 1 else ''} in the test frame: {faces}")
+
+
+# --- broker ------------------------------------------------------------------------------------------
+
+def check_broker(mqtt_cfg, opts: DoctorOptions) -> Check:
+    """Connect to the broker with the configured address, TLS and credentials (a throw-away client id)."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt_cfg
+    where = f"mqtt{'s' if c.tls else ''}://{c.host}:{c.port}"
+    if not c.enabled:
+        return Check("broker", WARN, "mqtt.enabled = false: events are not published",
+                     "set [mqtt] enabled = true and host/port of your broker")
+    proto = mqtt.MQTTv5 if c.protocol == "5" else mqtt.MQTTv311
+    # Never the daemon's client id: the broker would disconnect the running daemon.
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fer-edge-doctor-{os.getpid()}", protocol=proto)
+    client.connect_timeout = opts.broker_timeout_s
+    if c.username:
+        client.username_pw_set(c.username, c.password or None)
+    if c.tls:
+        try:
+            client.tls_set(ca_certs=c.ca_file or None, certfile=c.cert_file or None, keyfile=c.key_file or None)
+        except (OSError, ValueError) as e:
+            return Check("broker", FAIL, f"{where}: TLS setup failed: {e}", "check mqtt.ca_file, cert_file, key_file")
+        client.tls_insecure_set(bool(c.tls_insecure))
+    done = threading.Event()
+    result: dict = {}
+
+    def on_connect(_c, _u, _flags, reason_code, _props):
+        result["rc"] = reason_code
+        done.set()
+
+    def on_disconnect(_c, _u, _flags, reason_code, _props):
+        result.setdefault("rc", reason_code)
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    t0 = time.monotonic()
+    try:
+        client.connect(c.host, c.port, keepalive=max(5, int(opts.broker_timeout_s) * 2))
+    except socket.gaierror:
+        return Check("broker", FAIL, f"{where}: cannot resolve host name {c.host!r}",
+                     "fix mqtt.host (name or IP of the broker)")
+    except ConnectionRefusedError:
+        return Check("broker", FAIL, f"{where}: connection refused",
+                     "is the broker running? (sudo apt install mosquitto; systemctl status mosquitto) "
+                     "and are mqtt.host/mqtt.port right?")
+    except (socket.timeout, TimeoutError):
+        return Check("broker", FAIL, f"{where}: connection timed out after {opts.broker_timeout_s:g} s",
+                     "check the network path and firewall to the broker, and mqtt.host")
+    except OSError as e:  # includes ssl.SSLError
+        return Check("broker", FAIL, f"{where}: {e.strerror or e}",
+                     "check mqtt.tls/ca_file and that the port is the right (TLS or plain) listener" if c.tls
+                     else "check mqtt.host/mqtt.port and the network")
+    client.loop_start()
+    try:
+        answered = done.wait(opts.broker_timeout_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    ms = (time.monotonic() - t0) * 1e3
+    rc = result.get("rc")
+    if not answered or rc is None:
+        return Check("broker", FAIL, f"{where}: TCP connected but no MQTT answer within {opts.broker_timeout_s:g} s",
+                     "is this port an MQTT listener (TLS vs plain: mqtt.tls)?")
+    if rc.is_failure:
+        value = getattr(rc, "value", None)
+        if value in (134, 135, 140):
+            who = f"user {c.username!r}" if c.username else "anonymous clients"
+            return Check("broker", FAIL, f"{where}: refused {who}: {rc}",
+                         "set mqtt.username/mqtt.password to an account of the broker (mosquitto_passwd), "
+                         "or allow it in the broker's ACL/allow_anonymous")
+        return Check("broker", FAIL, f"{where}: connection refused by the broker: {rc}",
+                     "see the broker's log; check mqtt.protocol and mqtt.client_id")
+    who = f" as {c.username!r}" if c.username else ""
+    return Check("broker", OK, f"{where}: connected{who} in {ms:.0f} ms (MQTT {c.protocol})")
+
+
+# --- service -----------------------------------------------------------------------------------------
+
+def service_state(run: Runner = run_command) -> Optional[dict[str, str]]:
+    """``systemctl show`` properties of fer-edge.service, None where systemd is not running or it is unknown."""
+    if not os.path.isdir("/run/systemd/system"):
+        return None
+    res = run(["systemctl", "show", SERVICE, "-p", "LoadState,ActiveState,SubState,UnitFileState,NRestarts,Result"])
+    if res is None or res.returncode != 0:
+        return None
+    props = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    return props
+
+
+def check_service(props: Optional[dict[str, str]]) -> Check:
+    """Is the systemd service installed, enabled and running without restarts?"""
+    if props is None:
+        return Check("service", SKIP, "systemd not running here: service state not checked")
+    if props.get("LoadState") == "not-found":
+        return Check("service", SKIP, "fer-edge.service is not installed (sudo fer-edge install-service)")
+    active, sub = props.get("ActiveState", "?"), props.get("SubState", "?")
+    enabled = props.get("UnitFileState", "?")
+    restarts = int(props.get("NRestarts", "0") or 0)
+    detail = f"fer-edge.service {active} ({sub}), {enabled}, {restarts} restart{'s' if restarts != 1 else ''}"
+    if active == "failed":
+        return Check("service", FAIL, f"{detail}, result {props.get('Result', '?')}",
+                     "see why: journalctl -u fer-edge -e; then sudo systemctl restart fer-edge")
+    if active != "active":
+        return Check("service", WARN, detail, "start it: sudo systemctl enable --now fer-edge")
+    if restarts:
+        return Check("service", WARN, detail, "it crashed or hung before: journalctl -u fer-edge -b")
+    if enabled != "enabled":
+        return Check("service", WARN, detail, "it will not start on boot: sudo systemctl enable fer-edge")
+    return Check("service", OK, detail)
+
+
+# --- all -------------------------------------------------------------------------------------------
+
+def run_doctor(cfg, opts: Optional[DoctorOptions] = None, out: Optional[TextIO] = None,
+               run: Runner = run_command) -> int:
+    """Run every check for ``cfg`` (a loaded edge.config.Config), print one line each; 1 if any FAIL, else 0."""
+    import sys
+
+    opts = opts or DoctorOptions()
+    out = out or sys.stdout
+    results: list[Check] = []
+
+    def emit(check: Check) -> None:
+        results.append(check)
+        print(check.line(), file=out, flush=True)
+
+    emit(Check("config", OK, cfg.path or "no config file: built-in defaults"))
+    props = service_state(run)
+    emit(check_service(props))
+    emit(check_clock(run=run))
+    emit(check_disk(cfg.device.state_dir, opts))
+    emit(check_cpu(cfg.service.cpu_temp_path, opts, run))
+    model_check, classifier = check_model(cfg.model)
+    emit(model_check)
+    det_check, detector = check_detector(cfg.detect)
+    emit(det_check)
+    active = bool(props) and props.get("ActiveState") in ("active", "activating", "reloading")
+    src_check, image = check_source(cfg.source, opts, service_active=active)
+    emit(src_check)
+    if image is not None and detector is not None and classifier is not None:
+        try:
+            emit(check_view(image, detector, classifier))
+        except Exception as e:  # the pipeline failing on a real frame is a finding, not a crash
+            emit(Check("view", FAIL, f"detect/classify failed on the test frame: {type(e).__name__}: {e}",
+                       "report this with the frame: fer-edge snapshot -o frame.jpg"))
+    emit(check_broker(cfg.mqtt, opts))
+    counts = {s: sum(1 for r in results if r.status == s) for s in (OK, WARN, FAIL, SKIP)}
+    print(f"doctor: {counts[OK]} ok, {counts[WARN]} warning{'s' if counts[WARN] != 1 else ''}, {counts[FAIL]} failed"
+          + (f", {counts[SKIP]} skipped" if counts[SKIP] else ""), file=out, flush=True)
+    return 1 if counts[FAIL] else 0
