@@ -241,6 +241,8 @@ class _LocalBroker:
             from amqtt.broker import Broker
         except ImportError:
             return False
+        # amqtt logs every bare TCP probe (our readiness check) as an ERROR: keep the demo's output readable.
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         self.port = _free_port()
         config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
                   "sys_interval": 0, "auth": {"allow-anonymous": True, "plugins": ["auth_anonymous"]},
