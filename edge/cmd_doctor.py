@@ -34,8 +34,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         overrides = dict(parse_set_option(item) for item in args.sets)
         cfg = load_config(path, overrides)
     except ConfigError as e:
-        print(Check("config", FAIL, f"{path or 'built-in defaults'}: {e}",
-                    "fix the file (`fer-edge config --check -c FILE` shows the same error)").line(), flush=True)
+        if "Permission denied" in str(e):
+            fix = "run it as root (sudo fer-edge doctor): the config is readable by root and the service's group only"
+        else:
+            fix = "fix the file (`fer-edge config --check -c FILE` shows the same error)"
+        print(Check("config", FAIL, f"{path or 'built-in defaults'}: {e}", fix).line(), flush=True)
         return 1
     if args.timeout <= 0:
         print("error: --timeout must be > 0", file=sys.stderr)
