@@ -206,8 +206,15 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (ru_maxrss: KB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process, in MB.
+
+    Linux: VmHWM from /proc/self/status. ru_maxrss is the fallback only: Linux carries it over execve, so a
+    fresh worker would report its parent's peak (the parent that rendered the scenes).
+    """
+    for line in _read("/proc/self/status").splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
@@ -349,7 +356,7 @@ class SceneRenderer:
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
         t = (xx / width + yy / height) / 2.0
         bg = np.stack([110 + 60 * t, 100 + 62 * t, 90 + 65 * t], axis=-1)  # blue-gray diagonal gradient, BGR
-        bg += rng.normal(0.0, 4.0, bg.shape).astype(np.float32)
+        bg += rng.standard_normal(bg.shape, dtype=np.float32) * 4.0
         self.bg = cv2.GaussianBlur(np.clip(bg, 0, 255).astype(np.uint8), (3, 3), 0)
         self.n_frames = n_frames
         cw, ch = width / 3.0, height / 2.0
