@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from edge.classify import ModelConfig
 from edge.detect import DetectConfig
+from edge.discovery import HomeAssistantConfig
 from edge.mqtt import MqttConfig
 from edge.sources import SourceConfig
 from edge.track import TrackConfig
@@ -101,6 +102,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "track": TrackConfig,
     "mqtt": MqttConfig,
+    "homeassistant": HomeAssistantConfig,
     "service": ServiceConfig,
 }
 
@@ -115,6 +117,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     path: str | None = None  # file it was loaded from, if any (for SIGHUP reload)
 

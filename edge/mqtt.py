@@ -139,6 +139,7 @@ class MqttPublisher:
         self._last_fail_warn = 0.0
         self._last_drop_warn = 0.0
         self._subs: dict[str, Callable[[str, bytes], None]] = {}
+        self._connect_callbacks: list[Callable[[], None]] = []
         self._sender: Optional[threading.Thread] = None
         self._client = self._make_client() if cfg.enabled else None
 
@@ -190,7 +191,8 @@ class MqttPublisher:
             self._cond.notify_all()
 
     def publish(self, suffix: str, payload: dict | str, qos: int = 0, retain: bool = False) -> bool:
-        """Best-effort publish to topic(suffix) (e.g. stats); False when not connected or not sendable."""
+        """Best-effort publish to topic(suffix) (e.g. stats; a topic with '/' is used as is); False when not
+        connected or not sendable."""
         if self._client is None or not self._connected:
             return False
         try:
@@ -199,7 +201,8 @@ class MqttPublisher:
         except (TypeError, ValueError) as exc:
             log.error("MQTT %s message skipped: not JSON-serializable (%s)", suffix, exc)
             return False
-        info = self._client.publish(self.topic(suffix), data, qos=qos, retain=retain)
+        topic = suffix if "/" in suffix else self.topic(suffix)
+        info = self._client.publish(topic, data, qos=qos, retain=retain)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def subscribe(self, suffix_or_full_topic: str, callback: Callable[[str, bytes], None]) -> None:
@@ -221,6 +224,11 @@ class MqttPublisher:
         self._client.message_callback_add(topic, _on_message)
         if self._connected:
             self._client.subscribe(topic, qos=1)
+
+    def add_connect_callback(self, callback: Callable[[], None]) -> None:
+        """Call callback() in the network thread after every successful (re)connect, once publish() works,
+        e.g. to re-publish retained messages a restarted broker lost."""
+        self._connect_callbacks.append(callback)
 
     def stop(self, timeout: float = 5.0) -> int:
         """Flush buffered events (bounded by timeout), publish retained "offline", disconnect.
@@ -341,6 +349,11 @@ class MqttPublisher:
             self._cond.notify_all()
         log.info("MQTT connected to %s as %s%s", where, self.client_id,
                  f"; delivering {backlog} buffered events" if backlog else "")
+        for callback in self._connect_callbacks:
+            try:
+                callback()
+            except Exception as exc:  # a faulty callback must not kill the network thread
+                log.error("MQTT connect callback failed: %r", exc)
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._fail_streak += 1
