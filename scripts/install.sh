@@ -29,6 +29,7 @@ APT=1
 ENABLE=1
 OFFLINE=0
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ARGS="$*"
 
 die() { echo "install.sh: error: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
@@ -57,7 +58,7 @@ if [ "$(cd "$ROOT" 2>/dev/null && pwd -P)" != "/" ]; then
     APT=0
 fi
 if [ "$LIVE" = 1 ] && [ "$(id -u)" != 0 ]; then
-    die "run it as root: sudo $0 $*"
+    die "run it as root: sudo $0 $ARGS"
 fi
 
 # --- 1. system packages ------------------------------------------------------------------------
@@ -65,7 +66,7 @@ if [ "$APT" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
     say "installing system packages (apt-get)"
     apt-get update -qq
-    pkgs=(python3-venv python3-pip)
+    pkgs=(python3-venv)
     # The Raspberry Pi camera stack comes from Raspberry Pi OS's archive; plain Debian has no such package.
     if apt-cache show python3-picamera2 >/dev/null 2>&1; then
         pkgs+=(python3-picamera2)
