@@ -22,6 +22,7 @@ import numpy as np
 from edge.classify import load_classifier
 from edge.config import Config, ConfigError, load_config
 from edge.detect import make_detector
+from edge.discovery import HomeAssistant
 from edge.events import build_event
 from edge.mqtt import MqttPublisher
 from edge.preprocess import crop_face
@@ -119,6 +120,7 @@ class Service:
         self._reload_requested = False
         self._stop_event = threading.Event()
         self.classifier = self.detector = self.tracker = self.publisher = self.source = None
+        self.homeassistant: HomeAssistant | None = None  # discovery + state topic (also clears it when off)
         self._started_mono = time.monotonic()
         self._last_stats_mono = self._last_log_stats_mono = self._started_mono
         self._frames_at_last_stats = 0
@@ -169,6 +171,9 @@ class Service:
         self.tracker = Tracker(cfg.track, list(self.classifier.labels))
         if cfg.mqtt.enabled:
             self.publisher = MqttPublisher(cfg.mqtt, cfg.device.id)
+            self.homeassistant = HomeAssistant(cfg.homeassistant, self.publisher, cfg.device.id,
+                                               labels=list(self.classifier.labels),
+                                               model_version=self.classifier.version)
             self.publisher.start()
         else:
             log.warning("MQTT disabled (mqtt.enabled = false): events are not published")
@@ -297,6 +302,8 @@ class Service:
                       json.dumps(payload.get("epoch")))
             if self.publisher is not None:
                 self.publisher.publish_event(payload)
+            if self.homeassistant is not None:
+                self.homeassistant.on_event(payload)
             if self.cfg.service.print_events:
                 print(json.dumps(payload, separators=(",", ":")), flush=True)
             if self.event_sink is not None:
@@ -306,6 +313,8 @@ class Service:
                     self.errors.error("sink", "event sink failed: %s", e)
 
     def _housekeeping(self, now: float) -> None:
+        if self.homeassistant is not None:
+            self.homeassistant.tick(now)
         interval = self.cfg.mqtt.stats_interval_s
         if interval > 0 and now - self._last_stats_mono >= interval:
             stats = self.stats(now)
@@ -378,6 +387,8 @@ class Service:
         if self.publisher is not None:
             if final is not None:
                 self.publisher.publish("stats", final)
+            if self.homeassistant is not None:
+                self.homeassistant.close()  # final state (nobody in view) before "offline"
             self.publisher.stop(timeout=self.cfg.service.shutdown_timeout_s)
             mq = self.publisher.stats()
             if final is not None:
