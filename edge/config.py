@@ -26,6 +26,7 @@ from edge.discovery import HomeAssistantConfig
 from edge.mqtt import MqttConfig
 from edge.sources import SourceConfig
 from edge.track import TrackConfig
+from edge.updates import UpdateConfig
 
 ENV_PREFIX = "FER_EDGE_"
 # Searched in this order when no -c/--config and no FER_EDGE_CONFIG is given.
@@ -100,6 +101,7 @@ SECTIONS: dict[str, type] = {
     "source": SourceConfig,
     "detect": DetectConfig,
     "model": ModelConfig,
+    "update": UpdateConfig,
     "track": TrackConfig,
     "mqtt": MqttConfig,
     "homeassistant": HomeAssistantConfig,
@@ -115,6 +117,7 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
