@@ -285,7 +285,7 @@ class HomeAssistant:
             version = self._model_version
         configs = discovery_configs(self.cfg, self.publisher.cfg, self.device_id, labels=self.labels,
                                     model_version=version)
-        sent = sum(bool(self.publisher.publish(topic, payload, qos=0, retain=True))
+        sent = sum(bool(self.publisher.publish(topic, payload, qos=0, retain=True, full_topic=True))
                    for topic, payload in configs.items())
         self._announced = set(configs)
         log.info("Home Assistant discovery: announced %d of %d entities", sent, len(configs))
@@ -312,7 +312,7 @@ class HomeAssistant:
         if topic in self._cleared:
             return
         self._cleared.add(topic)
-        if self.publisher.publish(topic, "", qos=1, retain=True):
+        if self.publisher.publish(topic, "", qos=1, retain=True, full_topic=True):
             self.cleared += 1
             why = "no longer announced" if self.cfg.enabled else "homeassistant.enabled = false"
             log.info("Home Assistant discovery: cleared retained %s (%s)", topic, why)

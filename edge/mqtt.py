@@ -190,9 +190,10 @@ class MqttPublisher:
             self._pending.append(_Entry(data))
             self._cond.notify_all()
 
-    def publish(self, suffix: str, payload: dict | str, qos: int = 0, retain: bool = False) -> bool:
-        """Best-effort publish to topic(suffix) (e.g. stats; a topic with '/' is used as is); False when not
-        connected or not sendable."""
+    def publish(self, suffix: str, payload: dict | str, qos: int = 0, retain: bool = False, *,
+                full_topic: bool = False) -> bool:
+        """Best-effort publish to topic(suffix) (e.g. stats), or to ``suffix`` as is with full_topic=True;
+        False when not connected or not sendable."""
         if self._client is None or not self._connected:
             return False
         try:
@@ -201,7 +202,7 @@ class MqttPublisher:
         except (TypeError, ValueError) as exc:
             log.error("MQTT %s message skipped: not JSON-serializable (%s)", suffix, exc)
             return False
-        topic = suffix if "/" in suffix else self.topic(suffix)
+        topic = suffix if full_topic else self.topic(suffix)
         info = self._client.publish(topic, data, qos=qos, retain=retain)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 

@@ -221,6 +221,9 @@ def test_announce_retained_reannounce_after_restart_and_ha_birth_state_rate_limi
         assert all(p["availability_topic"] == f"fer-edge/{device}/status" for p in payloads.values())
         assert retained(broker, f"fer-edge/{device}/status")[f"fer-edge/{device}/status"] == b"online"
         assert ha.cleared == 1
+        # Full topics only when asked for: a suffix with '/' still goes under the device.
+        assert pub.publish("model/status", "x", retain=True)
+        assert retained(broker, f"fer-edge/{device}/model/status") == {f"fer-edge/{device}/model/status": b"x"}
 
         # Initial state on connect: nobody in view, retained.
         state_topic = f"fer-edge/{device}/state"
