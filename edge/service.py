@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping
 import cv2
 import numpy as np
 
-from edge.classify import load_classifier
 from edge.config import Config, ConfigError, load_config
 from edge.detect import make_detector
 from edge.discovery import HomeAssistant
@@ -29,6 +28,7 @@ from edge.preprocess import crop_face
 from edge.sdnotify import Notifier
 from edge.sources import open_source
 from edge.track import Tracker
+from edge.updates import UpdateManager
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Service:
         self._stop_event = threading.Event()
         self.classifier = self.detector = self.tracker = self.publisher = self.source = None
         self.homeassistant: HomeAssistant | None = None  # discovery + state topic (also clears it when off)
+        self.updates: UpdateManager | None = None  # model updates: install, hot swap, probation, rollback
         self._started_mono = time.monotonic()
         self._last_stats_mono = self._last_log_stats_mono = self._started_mono
         self._frames_at_last_stats = 0
@@ -160,7 +161,8 @@ class Service:
     def _start(self) -> None:
         cfg = self.cfg
         self.notifier.status("loading model")
-        self.classifier = load_classifier(cfg.model.path or None, threads=cfg.model.threads)
+        self.updates = UpdateManager(cfg)
+        self.classifier = self.updates.load_initial()  # installed model if any, else model.path / bundled
         log.debug("model input %dx%d, margin %.2f, labels %s", self.classifier.input_size,
                   self.classifier.input_size, self.classifier.margin, ",".join(self.classifier.labels))
         self.detector = make_detector(cfg.detect)
@@ -177,6 +179,7 @@ class Service:
             self.publisher.start()
         else:
             log.warning("MQTT disabled (mqtt.enabled = false): events are not published")
+        self.updates.start(self.publisher)
         self.source.start()
         log.info("source %s started (device id %s)", self.source.name, cfg.device.id)
         self._started_mono = time.monotonic()
@@ -200,6 +203,8 @@ class Service:
                 self._emit(self._safe_tracker("predict_only", time.time()))
             else:
                 self.latency.add("capture_wait", waited)
+                if self.updates is not None:  # between two frames: a new or rolled-back model, loaded and tested
+                    self.classifier = self.updates.take_pending(self.classifier) or self.classifier
                 try:
                     self._process(frame)
                 except Exception as e:  # last line of defence: one bad frame never ends the daemon
@@ -264,8 +269,12 @@ class Service:
                 self.error_counts["classify"] += 1
                 self.errors.error("classify", "classifier failed on frame %d: %s: %s", frame.index,
                                   type(e).__name__, e)
+                if self.updates is not None:
+                    self.updates.frame_result(False)  # during probation: roll the new model back
                 self._emit(self._safe_tracker("predict_only", ts))
                 return
+            if self.updates is not None:
+                self.updates.frame_result(True)
         t_cls = time.monotonic()
         if crops:
             self.latency.add("classify", t_cls - t_pre)
@@ -378,6 +387,8 @@ class Service:
         self.notifier.stopping(f"stopping: {reason}")
         if self.tracker is not None and self.classifier is not None and self.source is not None:
             self._emit(self._safe_tracker("flush", time.time()))
+        if self.updates is not None:
+            self.updates.stop()
         if self.source is not None:
             try:
                 self.source.stop()
