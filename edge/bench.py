@@ -126,7 +126,13 @@ class BenchOptions:
         for b in self.backends:
             if b not in BACKEND_ALIASES:
                 raise BenchError(f"--backend: {b!r} is not one of {', '.join(BACKENDS)}")
-        for label, path in (("--model", self.model), ("--compare", self.compare)):
+        if self.detector == "yunet" and not self.detector_model:
+            raise BenchError("--detector-model: required for --detector yunet; download face_detection_yunet_2023mar"
+                             ".onnx from the OpenCV Zoo and pass its path")
+        if self.detect_width != 0 and self.detect_width < 64:
+            raise BenchError(f"--detect-width: {self.detect_width} is too small; use 0 (full resolution) or >= 64")
+        for label, path in (("--model", self.model), ("--compare", self.compare), ("--detector-model",
+                                                                                  self.detector_model)):
             if path and not Path(path).expanduser().is_file():
                 raise BenchError(f"{label}: model file {path} not found")
 
@@ -632,6 +638,7 @@ def _pipeline(opts: BenchOptions, sc: Scenario, path: str, fps: float, clf: Clas
         result["compare"] = compare_summary(cmp, other)
     return result
 
+
 def _classify_other(other: Classifier, gray, boxes, batch) -> tuple[np.ndarray, float]:
     """The compare model on the same faces (cropped for its own input size/margin if they differ, untimed)."""
     if batch is None:
@@ -650,7 +657,8 @@ def compare_summary(cmp: dict, other: Classifier) -> dict:
     return {"model": str(other.path), "version": other.version, "sha256": other.sha256,
             "classify_per_face": b, "baseline_classify_per_face": a, "latency_ratio": ratio,
             "top1_agreement": round(cmp["agree"] / cmp["faces"], 4) if cmp["faces"] else None,
-            "faces_compared": cmp["faces"]}
+            "faces_compared": cmp["faces"],
+            "note": "per face, predict only, order alternating per frame; this scenario's fps and CPU include both models"}
 
 
 # --- report -----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     """Add the ``bench`` sub-command."""
     p = subparsers.add_parser(
         "bench", help="benchmark per-stage latency of the pipeline on this machine",
-        description="Run the real pipeline stages (source, detect, preprocess, classify, track + publish) on "
+        description="Run the real pipeline stages (source, detect, preprocess, classify, track + publish) on\n"
                     "reproducible input and report p50/p95/p99 per stage, fps, CPU time, RSS and model load time.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default="scenes", metavar="SRC",
@@ -145,7 +145,8 @@ def format_table(report: dict) -> str:
     m, mod = report["machine"], report["model"]
     lines = [
         f"fer-edge bench: {m['cpu']} ({m['arch']}, {m['cores']} cores, {m['usable_cores']} usable"
-        + (f", {m['board']}" if m.get("board") else "") + f"), load average {m['loadavg_at_start']}",
+        + (f", {m['board']}" if m.get("board") else "") + (f", governor {m['governor']}" if m.get("governor") else "")
+        + f"), load average {m['loadavg_at_start']}",
         f"python {m['python']}, numpy {m['numpy']}, opencv {m['opencv']}, ai-edge-litert {m['ai-edge-litert']}, "
         f"tflite-runtime {m['tflite-runtime']}",
         f"model {Path(mod['path']).name} v{mod['version']} ({mod['sha256'][:12]}, input {mod['input_size']} "

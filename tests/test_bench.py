@@ -82,6 +82,15 @@ def test_table_output_and_missing_backend():
         assert "not installed" not in rows[1]
 
 
+def test_demo_clip_rescaled():
+    r = bench("--json", "--quick", "--input", "demo", "--resolution", "320x240", "--iterations", "8", "--warmup", "1")
+    assert r.returncode == 0, r.stderr
+    [sc] = json.loads(r.stdout)["scenarios"]
+    assert sc["id"].startswith("demo 320x240") and sc["faces"] is None and sc["status"] == "ok"
+    for stage in STAGES:
+        check_stats(sc["stages"][stage], 8)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compare", "/nonexistent/model.tflite"], "--compare: model file /nonexistent/model.tflite not found"),
     (["--input", "/nonexistent.mp4"], "--input: /nonexistent.mp4 is not a file"),
