@@ -658,7 +658,8 @@ def compare_summary(cmp: dict, other: Classifier) -> dict:
             "classify_per_face": b, "baseline_classify_per_face": a, "latency_ratio": ratio,
             "top1_agreement": round(cmp["agree"] / cmp["faces"], 4) if cmp["faces"] else None,
             "faces_compared": cmp["faces"],
-            "note": "per face, predict only, order alternating per frame; this scenario's fps and CPU include both models"}
+            "note": "per face, predict only, order alternating per frame; "
+                    "this scenario's fps and CPU include both models"}
 
 
 # --- report -----------------------------------------------------------------------------------------------------
