@@ -78,9 +78,11 @@ def read_bundle(data: bytes) -> Bundle:
     if len(data) < 512:
         raise BundleError(f"not a model bundle: only {len(data)} bytes (truncated?)")
     files: dict[str, bytes] = {}
+    end = 0
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if member.name not in MEMBERS:
                     raise BundleError(f"unexpected member {member.name!r} in the bundle (allowed: "
                                       f"{', '.join(MEMBERS)})")
@@ -95,6 +97,9 @@ def read_bundle(data: bytes) -> Bundle:
                 files[member.name] = content
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BundleError(f"not a model bundle, or truncated ({e})") from None
+    # tarfile takes a header cut short for the end of the archive: insist on the end-of-archive marker.
+    if data[end:end + 2 * tarfile.BLOCKSIZE] != bytes(2 * tarfile.BLOCKSIZE):
+        raise BundleError("bundle is truncated (it does not end with the end-of-archive marker)")
     for name in (MANIFEST, MODEL):
         if name not in files:
             raise BundleError(f"bundle lacks {name} (truncated, or not made by `fer-edge model sign`?)")
