@@ -214,7 +214,10 @@ class ModelStore:
     def write_pointer(self, ptr: Pointer) -> None:
         ptr.updated_at = utc_now()
         self.ensure()
-        atomic_write(self.pointer_path, ptr.to_json())
+        try:
+            atomic_write(self.pointer_path, ptr.to_json())
+        except OSError as e:
+            raise StoreError(f"cannot write {self.pointer_path}: {e.strerror or e}") from None
 
     def cleanup(self, keep: tuple[Path, ...] = ()) -> list[dict]:
         """Remove what an interrupted install left behind and model directories nothing points to.
@@ -231,7 +234,12 @@ class ModelStore:
             log.error("model store: %s; leaving installed models alone", e)
             referenced = None
         keep_names = {p.name for p in keep if p.parent == self.root}
-        for p in sorted(self.root.iterdir()):
+        try:
+            entries = sorted(self.root.iterdir())
+        except OSError as e:
+            log.error("model store: cannot list %s: %s", self.root, e)
+            return []
+        for p in entries:
             if p.name.startswith(TMP_PREFIX):
                 req = p / REQUEST_FILE
                 if req.is_file():
@@ -312,9 +320,9 @@ class ModelStore:
                       probation={"sha256": sha256, "since": utc_now(), "starts": 0})
         try:
             self.write_pointer(new)
-        except OSError as e:
+        except StoreError:
             self._remove(self.root / name)
-            raise StoreError(f"cannot update {self.pointer_path}: {e.strerror or e}") from None
+            raise
         for gone in old[self.keep_previous:]:
             self._remove(self.root / gone.dir)
         return entry

@@ -28,8 +28,10 @@ import base64
 import binascii
 import collections
 import hashlib
+import http.client
 import json
 import logging
+import os
 import queue
 import re
 import secrets
@@ -219,6 +221,10 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, ca_file: st
         raise Refused(f"download {where} failed: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise Refused(f"download {where} failed: {e.reason}") from None
+    except http.client.IncompleteRead as e:
+        raise Refused(f"download {where} ended after {len(e.partial)} bytes (connection closed early)") from None
+    except http.client.HTTPException as e:
+        raise Refused(f"download {where} failed: {type(e).__name__}: {e}") from None
     except (TimeoutError, OSError) as e:
         if isinstance(e, TimeoutError) or "timed out" in str(e):
             raise Refused(f"download {where} timed out (update.http_timeout_s {timeout_s:g} s)") from None
@@ -255,6 +261,7 @@ class UpdateManager:
         self._next_scan = 0.0
         self.installs = 0
         self.rollbacks = 0
+        self.read_only = False  # another user's store (see load_initial): no commands, no drop-ins
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -265,6 +272,22 @@ class UpdateManager:
         next older model is used. Only a broken base model raises (ModelError), as without updates.
         """
         threads = self.cfg.model.threads
+        if not self._owns_state():
+            # e.g. `fer-edge demo` run by another user on an installed device: use the store, never change it.
+            self.read_only = True
+            log.info("model store %s belongs to another user: using it read-only (no updates from this process)",
+                     self.store.root)
+            ptr = self._read_pointer_or_none()
+            if ptr is not None and ptr.active is not None:
+                try:
+                    clf = load_classifier(self.store.model_path(ptr.active), threads=threads)
+                    e = ptr.active
+                    self._active = _Active(e.version, e.sha256, e.installed_at, e.origin, e)
+                    self._labels = list(clf.labels)
+                    return clf
+                except ModelError as e:
+                    log.error("installed model does not load (%s); using the base model", e)
+            return self._use_base()
         try:
             for req in self.store.cleanup(keep=(self.watch_dir,)):
                 self._set_last(req.get("id"), req.get("action", "install"), "failed",
@@ -303,6 +326,13 @@ class UpdateManager:
             return clf
         return self._use_base()
 
+    def _owns_state(self) -> bool:
+        """True unless device.state_dir exists and belongs to another user than this process's."""
+        try:
+            return Path(self.cfg.device.state_dir).expanduser().stat().st_uid == os.geteuid()
+        except OSError:
+            return True  # missing: created by whoever installs first
+
     def _use_base(self) -> Classifier:
         clf = load_classifier(self.cfg.model.path or None, threads=self.cfg.model.threads)
         self._active = _Active(clf.version, clf.sha256, None, "config" if self.cfg.model.path else "bundled")
@@ -325,24 +355,30 @@ class UpdateManager:
     def start(self, publisher: "MqttPublisher | None") -> None:
         """Subscribe to the command topics and start the worker (drop-in scanning, status publishing)."""
         self._publisher = publisher
-        if not self.ucfg.enabled:
+        if self.read_only:
+            pass
+        elif not self.ucfg.enabled:
             log.info("model updates disabled (update.enabled = false)")
         elif publisher is not None:
             prefix = self.cfg.mqtt.prefix
-            publisher.subscribe(CMD_SUFFIX, self._on_command)
+            publisher.subscribe(publisher.topic(CMD_SUFFIX), self._on_command)  # "a/b" counts as a full topic
             for g in self.ucfg.groups:
                 publisher.subscribe(f"{prefix}/group/{g}/{CMD_SUFFIX}",
                                     lambda topic, payload, g=g: self._on_command(topic, payload, f"group:{g}"))
             log.info("model updates: commands on %s%s; %d trusted key(s)%s", publisher.topic(CMD_SUFFIX),
                      "".join(f", {prefix}/group/{g}/{CMD_SUFFIX}" for g in self.ucfg.groups),
                      len(self.ucfg.public_keys), ", unsigned bundles ALLOWED" if self.ucfg.allow_unsigned else "")
-        if self.ucfg.enabled and self.ucfg.watch_interval_s > 0:
+        if self.ucfg.enabled and self.ucfg.watch_interval_s > 0 and not self.read_only:
             try:
+                # Only where the state directory exists (the installer creates it): never make /var/lib/... here.
                 if self.watch_dir.parent.is_dir() or self.store.root.parent.is_dir():
                     self.watch_dir.mkdir(parents=True, exist_ok=True)
-                log.info("model updates: watching %s for *.bundle files", self.watch_dir)
             except OSError as e:
                 log.warning("model updates: cannot create drop-in directory %s: %s", self.watch_dir, e)
+            if self.watch_dir.is_dir():
+                log.info("model updates: watching %s for *.bundle files", self.watch_dir)
+            else:
+                log.info("model updates: drop-in directory %s does not exist; create it to use it", self.watch_dir)
         self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
         self._thread.start()
 
@@ -361,7 +397,7 @@ class UpdateManager:
             return None
         with self._lock:
             clf, self._pending = self._pending, None
-            if clf is None:
+            if clf is None or clf is current:
                 return None
             p = self._probation
             if p is not None and not p.swapped and p.sha256 == clf.sha256:
@@ -383,6 +419,8 @@ class UpdateManager:
                 return
             if not ok:
                 p.done = True
+                if self._standby is not None:
+                    self._pending = self._standby  # back on the next frame; the worker fixes the store
                 self._jobs.put(("auto_rollback", p.sha256,
                                 f"model {p.version} failed on a live frame during its probation "
                                 f"(after {p.frames_ok} good frames): rolled back"))
@@ -552,7 +590,8 @@ class UpdateManager:
             self._handle(("probation_passed", p.sha256, f"{self.ucfg.probation_s:g} s without an error"))
         if self._status_dirty:
             self._publish_status()
-        if self.ucfg.enabled and self.ucfg.watch_interval_s > 0 and time.monotonic() >= self._next_scan:
+        if self.ucfg.enabled and self.ucfg.watch_interval_s > 0 and not self.read_only \
+                and time.monotonic() >= self._next_scan:
             self._next_scan = time.monotonic() + self.ucfg.watch_interval_s
             self._scan_inbox()
 
@@ -592,7 +631,10 @@ class UpdateManager:
             staging = None
             clf.path = self.store.model_path(entry)  # same file, renamed into place with its directory
         except (Refused, BundleError, ModelError) as e:
-            self._fail(req, "refused", str(e))
+            msg = str(e)
+            if staging is not None:  # the temporary path means nothing to the operator
+                msg = msg.replace(f"{staging}{os.sep}", "")
+            self._fail(req, "refused", msg)
             return
         except StoreError as e:
             self._fail(req, "failed", str(e))
