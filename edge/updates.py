@@ -403,7 +403,7 @@ class UpdateManager:
             if p is not None and not p.swapped and p.sha256 == clf.sha256:
                 p.swapped, p.started = True, time.monotonic()
                 self._standby = current
-            else:
+            elif clf is not self._standby:  # (the standby itself: a fast rollback the worker has yet to record)
                 self._standby = None
         log.info("model swapped between frames: %s (%s…) -> %s (%s…)", current.version, current.sha256[:12],
                  clf.version, clf.sha256[:12])
@@ -715,6 +715,7 @@ class UpdateManager:
                     return
                 log.error("rollback target %s does not load (%s); going further back", new.version, e)
         with self._lock:
+            self._standby = None
             if new is None:
                 self._active = _Active(clf.version, clf.sha256, None, "config" if self.cfg.model.path else "bundled")
             else:
