@@ -568,6 +568,7 @@ kind = "demo"
 loop = true
 [update]
 public_keys = ["{keys['op']['pub']}"]
+groups = ["floor2"]
 max_bundle_mb = 0.25
 watch_interval_s = 0.3
 probation_frames = 5
@@ -635,8 +636,9 @@ reconnect_max_s = 1.0
     refused(install_cmd("big-inline", big), "big-inline", "exceeds the limit")
     http.files["/big.bundle"] = big
     refused({"id": "big-url", "url": f"{http.url}/big.bundle", "sha256": sha(big)}, "big-url", "over the 0.25 MiB")
-    # 10. older version than the active one
-    refused(install_cmd("older", make_bundle(good_a, "0.0.0", op)), "older", "not newer than the active")
+    # 10. older version than the active one (sent to a fleet group the device is in)
+    refused(install_cmd("older", make_bundle(good_a, "0.0.0", op)), "older", "not newer than the active",
+            topic="fer-edge/group/floor2/cmd/model")
     # ... on the group topic the device is not in: nothing happens.
     dev.send(install_cmd("not-my-group", full), "fer-edge/group/lobby/cmd/model")
     dev.still_serving(BASE_SHA)
@@ -714,3 +716,27 @@ reconnect_max_s = 1.0
         log = d.log()
         assert "Traceback" not in log, log[-5000:]
     assert "model swapped between frames" in d2.log()
+
+
+def test_cli_push_rollback_status_errors(broker, tmp_path, keys, capsys):
+    """No device answering, not a bundle, unknown device status, bad target: one clear line, no traceback."""
+    from edge.cli import main
+
+    where = ["--host", broker.host, "--port", str(broker.port)]
+    bundle = tmp_path / "x.bundle"
+    bundle.write_bytes(make_bundle(DEFAULT_MODEL.read_bytes(), "9000.9", keys["op"]["key"]))
+    assert main(["model", "push", str(bundle), "--device", "ghost", *where, "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "sent install request" in err and "no answer from ghost within 1 s" in err
+    assert main(["model", "push", str(bundle), "--device", "ghost", *where, "--no-wait"]) == 0
+    capsys.readouterr()
+    (tmp_path / "junk.bundle").write_bytes(b"junk" * 300)
+    assert main(["model", "push", str(tmp_path / "junk.bundle"), "--device", "ghost", *where]) == 1
+    assert "not a model bundle" in capsys.readouterr().err
+    assert main(["model", "rollback", "--device", "a/b", *where]) == 2
+    assert "expected one device id" in capsys.readouterr().err
+    assert main(["model", "status", "--device", "ghost", *where, "--timeout", "0.5"]) == 1
+    assert "no model status from ghost" in capsys.readouterr().err
+    assert main(["model", "push", str(bundle), "--device", "ghost", "--host", "127.0.0.1", "--port", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the MQTT broker at 127.0.0.1:1" in err and "Traceback" not in err
