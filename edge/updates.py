@@ -75,7 +75,7 @@ class UpdateConfig:
     public_keys: list[str] = field(default_factory=list)  # base64 Ed25519 keys or paths of .pub/PEM files
     allow_unsigned: bool = False  # accept bundles without a signature (never on a reachable device)
     groups: list[str] = field(default_factory=list)  # also obey <prefix>/group/<name>/cmd/model
-    max_bundle_mb: float = 32.0  # larger bundles (inline or downloaded) are refused
+    max_bundle_mb: float = 16.0  # larger bundles are refused (an inline one briefly needs ~5x this in RAM)
     http_timeout_s: float = 60.0  # whole download of a bundle given by URL
     ca_file: str = ""  # CA bundle for https URLs ("" = system CAs)
     watch_dir: str = ""  # drop-in directory for bundles ("" = <device.state_dir>/models/inbox)
