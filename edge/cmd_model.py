@@ -17,7 +17,6 @@ import secrets
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
