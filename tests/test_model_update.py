@@ -710,6 +710,20 @@ reconnect_max_s = 1.0
     st = json.loads(dev.sub.on_topic(dev.status_topic)[-1].payload)
     assert st["origin"] == "inbox:c.bundle" and st["version"] == "9000.3"
 
+    # 15. an older version goes in with force; a repeated delivery of the same request id is ignored.
+    dev.idle()
+    older = install_cmd("forced", make_bundle(good_b, "1.0", op), force=True)
+    n = dev.send(older)
+    st = dev.answer("forced", n)
+    assert st["result"] == "installed" and st["version"] == "1.0", st
+    dev.serving(sha(good_b))
+    dev.idle()
+    n = dev.send(older)
+    n_status = dev.send({"id": "ask", "action": "status"})
+    st = dev.answer("forced", n_status, results=("installed",))  # the status request just republishes
+    assert len([m for m in dev.sub.on_topic(dev.status_topic)[n:] if b'"accepted"' in m.payload]) == 0
+    assert "already handled" in d2.log()
+
     assert d2.stop() == 0, d2.log()[-3000:]
     for d in (d1, d2):
         log = d.log()
