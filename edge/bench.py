@@ -582,19 +582,18 @@ def _pipeline(opts: BenchOptions, sc: Scenario, path: str, fps: float, clf: Clas
             boxes = list(det.detect(image)) if detect_frame else [b for _, b in tracker.tracks()]
             t1 = perf()
             crops = []
-            if boxes:
-                gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-                crops = [crop_face(gray, b, size, margin) for b in boxes]
+            if boxes:  # as the daemon does: crop_face converts only the crop to gray
+                crops = [crop_face(image, b, size, margin) for b in boxes]
             t2 = perf()
             batch = np.stack(crops) if crops else None  # one batched invoke per frame, as the daemon does
             t2a = perf()
             if other is not None and batch is not None and i % 2:  # alternate the order: no cache favourite
-                pb, db = _classify_other(other, gray, boxes, batch if same_crops else None)
+                pb, db = _classify_other(other, image, boxes, batch if same_crops else None)
             t2b = perf()
             probs = clf.predict(batch) if batch is not None else np.zeros((0, n_labels), np.float32)
             t3 = perf()
             if other is not None and batch is not None and not i % 2:
-                pb, db = _classify_other(other, gray, boxes, batch if same_crops else None)
+                pb, db = _classify_other(other, image, boxes, batch if same_crops else None)
             t4 = perf()
             evs = tracker.update(boxes, probs, ts) if boxes or detect_frame else tracker.predict_only(ts)
             for ev in evs:
@@ -639,10 +638,10 @@ def _pipeline(opts: BenchOptions, sc: Scenario, path: str, fps: float, clf: Clas
     return result
 
 
-def _classify_other(other: Classifier, gray, boxes, batch) -> tuple[np.ndarray, float]:
+def _classify_other(other: Classifier, image, boxes, batch) -> tuple[np.ndarray, float]:
     """The compare model on the same faces (cropped for its own input size/margin if they differ, untimed)."""
     if batch is None:
-        batch = np.stack([crop_face(gray, b, other.input_size, other.margin) for b in boxes])
+        batch = np.stack([crop_face(image, b, other.input_size, other.margin) for b in boxes])
     t0 = time.perf_counter()
     probs = other.predict(batch)
     return probs, time.perf_counter() - t0

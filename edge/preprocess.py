@@ -21,15 +21,16 @@ def square_box(x: float, y: float, w: float, h: float, margin: float) -> tuple[i
 
 def crop_face(image: np.ndarray, box, size: int, margin: float) -> np.ndarray:
     """Crop ``box`` (anything with x, y, w, h) from a BGR or gray image as a (size, size) uint8 gray face."""
-    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     x0, y0, side = square_box(box.x, box.y, box.w, box.h, margin)
-    h, w = gray.shape[:2]
-    # Crop the in-frame part first, then pad: never convert or copy the whole frame.
+    h, w = image.shape[:2]
+    # Crop the in-frame part first, then convert and pad: never convert or copy the whole frame.
     cx0, cy0 = max(0, x0), max(0, y0)
     cx1, cy1 = min(w, x0 + side), min(h, y0 + side)
     if cx1 <= cx0 or cy1 <= cy0:
         raise ValueError(f"face box {box} lies outside the {w}x{h} frame")
-    crop = gray[cy0:cy1, cx0:cx1]
+    crop = image[cy0:cy1, cx0:cx1]
+    if crop.ndim == 3:
+        crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY if crop.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
     if (cx0, cy0, cx1, cy1) != (x0, y0, x0 + side, y0 + side):
         crop = cv2.copyMakeBorder(crop, cy0 - y0, y0 + side - cy1, cx0 - x0, x0 + side - cx1, cv2.BORDER_REPLICATE)
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR

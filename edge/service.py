@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-import cv2
 import numpy as np
 
 from edge.config import Config, ConfigError, load_config
@@ -245,11 +244,9 @@ class Service:
 
         crops, kept = [], []
         size, margin = self.classifier.input_size, self.classifier.margin
-        # Convert once per frame, not once per face (crop_face accepts gray images).
-        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if boxes and image.ndim == 3 else image
         for box in boxes:
             try:
-                crops.append(crop_face(gray, box, size, margin))
+                crops.append(crop_face(image, box, size, margin))
                 kept.append(box)
             except Exception as e:
                 self.error_counts["preprocess"] += 1
