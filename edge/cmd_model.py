@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from edge.fsutil import atomic_write
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 FINAL_RESULTS = ("installed", "refused", "failed", "rolled_back")
 
@@ -182,12 +184,9 @@ def _sign(args) -> int:
         out = src.with_name(f"{src.stem}-{safe}.bundle")
     else:
         out = src
-    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(3)}")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
+        atomic_write(out, data, tmp_prefix=f".{out.name}.tmp-")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CommandError(f"{out}: cannot write ({e.strerror})") from None
     print(f"signed {out}: model version {signed.version}, model sha256 {signed.model_sha256[:12]}…, "
           f"key id {signed.signature['key_id']}, bundle {len(data)} bytes sha256 {sha256_hex(data)}")

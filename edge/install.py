@@ -19,10 +19,11 @@ import pwd
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+from edge.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -178,34 +179,7 @@ def _under(root: Path, path: str) -> Path:
 def _atomic_write(path: Path, data: str, mode: int) -> None:
     """Write via a temporary file + fsync + rename, so a power cut leaves the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, data, mode, tmp_prefix=f".{path.name}.")
 
 
 def _mode(path: Path) -> int:

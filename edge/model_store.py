@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edge.classify import Classifier, ModelError
+from edge.fsutil import atomic_write as _atomic_write, fsync_dir, write_durable  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -92,39 +93,9 @@ def compare_versions(a: str, b: str) -> int:
 
 # --- durable file operations -----------------------------------------------------------------------
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable (no-op where directories cannot be fsynced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file and fsync it (the caller renames/fsyncs the directory)."""
-    with open(path, "xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically: tmp file in the same directory, fsync, rename, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
-    try:
-        write_durable(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Replace ``path`` atomically; its temp file carries TMP_PREFIX so start-up cleanup finds leftovers."""
+    _atomic_write(path, data, tmp_prefix=TMP_PREFIX)
 
 
 # --- the store ---------------------------------------------------------------------------------------

@@ -7,14 +7,14 @@ orientation, a centre cross and a square of ``detect.min_face`` pixels (faces sm
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import cv2
 import numpy as np
+
+from edge.fsutil import atomic_write
 
 WRITABLE_EXTS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
 GREEN, WHITE, BLACK, YELLOW = (0, 220, 0), (255, 255, 255), (0, 0, 0), (0, 220, 255)
@@ -98,19 +98,8 @@ def write_image(path: Path, img: np.ndarray, quality: int = 90) -> None:
     if not ok:
         raise SnapshotError(f"{path}: could not encode the image")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        atomic_write(path, buf.tobytes(), 0o644, tmp_prefix=f".{path.name}.")
     except OSError as e:
-        raise SnapshotError(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise SnapshotError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
