@@ -503,7 +503,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overrides["model.path"] = args.model
     cfg, _, _ = _load(args, overrides)
     setup_logging("DEBUG" if args.verbose else "WARNING")
-    clf = load_classifier(cfg.model.path or None, threads=cfg.model.threads)
+    from edge.model_store import current_model_path
+
+    model = args.model or current_model_path(cfg.device.state_dir, cfg.model.path)
+    clf = load_classifier(model, threads=cfg.model.threads)
     detector = make_detector(cfg.detect)
     annotate_dir = None
     if args.annotate and len(args.images) > 1:

@@ -160,13 +160,16 @@ def check_cpu(temp_path: str, opts: DoctorOptions, run: Runner = run_command) ->
 
 # --- model, detector, source -----------------------------------------------------------------------
 
-def check_model(model_cfg) -> tuple[Check, object]:
-    """Load the classifier and run a self-test prediction; returns (check, classifier or None)."""
+def check_model(model_cfg, state_dir: str = "") -> tuple[Check, object]:
+    """Load the model the daemon would start with (an installed update, else model.path, else the bundled
+    one) and run a self-test prediction; returns (check, classifier or None)."""
     from edge.classify import ModelError, load_classifier
+    from edge.model_store import current_model_path
 
-    where = model_cfg.path or "bundled model"
+    path = current_model_path(state_dir, model_cfg.path) if state_dir else (model_cfg.path or None)
+    where = path or "bundled model"
     try:
-        clf = load_classifier(model_cfg.path or None, threads=model_cfg.threads)
+        clf = load_classifier(path, threads=model_cfg.threads)
     except ModelError as e:
         return Check("model", FAIL, str(e), "set model.path to a .tflite with its .json manifest, or \"\" for the "
                                             "bundled model; reinstall fer-edge if the bundled one is broken"), None
@@ -401,7 +404,7 @@ def run_doctor(cfg, opts: Optional[DoctorOptions] = None, out: Optional[TextIO] 
     emit(check_clock(run=run))
     emit(check_disk(cfg.device.state_dir, opts))
     emit(check_cpu(cfg.service.cpu_temp_path, opts, run))
-    model_check, classifier = check_model(cfg.model)
+    model_check, classifier = check_model(cfg.model, cfg.device.state_dir)
     emit(model_check)
     det_check, detector = check_detector(cfg.detect)
     emit(det_check)

@@ -336,6 +336,20 @@ class ModelStore:
 
 # --- validation and self-test ------------------------------------------------------------------------
 
+def current_model_path(state_dir: str | Path, configured: str = "") -> str | None:
+    """The model the daemon starts with, read-only: the store's active model, else ``configured``, else None
+    (= the bundled model). For one-off commands (predict, snapshot, doctor, bench) on an updated device."""
+    store = ModelStore(Path(state_dir).expanduser() / "models")
+    try:
+        ptr = store.read_pointer()
+    except StoreError as e:
+        log.warning("%s; using the base model", e)
+        ptr = None
+    if ptr is not None and ptr.active is not None and store.model_path(ptr.active).is_file():
+        return str(store.model_path(ptr.active))
+    return configured or None
+
+
 def load_reference_faces(path: Path = SELFTEST_PATH) -> tuple[np.ndarray, list[str], float]:
     """Reference faces for the self-test: (faces uint8 (N, S, S) framed with context, labels, context margin)."""
     try:

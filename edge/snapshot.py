@@ -116,7 +116,9 @@ def take_snapshot(cfg, out: str, warmup_s: float = 2.0, timeout_s: float = 10.0,
     out_path = Path(out).expanduser()
     if out_path.suffix.lower() not in WRITABLE_EXTS:
         raise SnapshotError(f"{out}: unsupported extension; use .jpg or .png")
-    clf = load_classifier(cfg.model.path or None, threads=cfg.model.threads)
+    from edge.model_store import current_model_path
+
+    clf = load_classifier(current_model_path(cfg.device.state_dir, cfg.model.path), threads=cfg.model.threads)
     detector = make_detector(cfg.detect)
     source_name = "image"
     if image is None:

@@ -753,3 +753,25 @@ def test_cli_push_rollback_status_errors(broker, tmp_path, keys, capsys):
     assert main(["model", "push", str(bundle), "--device", "ghost", "--host", "127.0.0.1", "--port", "1"]) == 1
     err = capsys.readouterr().err
     assert "cannot reach the MQTT broker at 127.0.0.1:1" in err and "Traceback" not in err
+
+
+def test_one_off_commands_use_the_installed_model(tmp_path):
+    """predict/snapshot/doctor start from the same model as the daemon: the store's active one."""
+    import json as _json
+
+    from edge.classify import DEFAULT_MODEL, load_classifier
+    from edge.model_store import POINTER, ModelStore, current_model_path
+
+    state = tmp_path / "state"
+    assert current_model_path(state, "") is None  # nothing installed: the bundled model
+    assert current_model_path(state, "/x/m.tflite") == "/x/m.tflite"
+    store = ModelStore(state / "models")
+    staging = store.new_staging({"id": "t"})
+    man = _json.loads(DEFAULT_MODEL.with_suffix(".json").read_text()) | {"version": "9.9.9"}
+    store.write_model(staging, _json.dumps(man).encode(), DEFAULT_MODEL.read_bytes())
+    entry = store.commit(staging, version="9.9.9", sha256=man["sha256"], origin="test")
+    path = current_model_path(state, "/x/m.tflite")
+    assert path == str(store.model_path(entry))
+    assert load_classifier(path).version == "9.9.9"
+    (state / "models" / POINTER).write_text("{corrupt")
+    assert current_model_path(state, "") is None  # a corrupt pointer falls back, like the daemon
