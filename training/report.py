@@ -1,7 +1,7 @@
 """Model report images drawn with OpenCV (no plotting dependency).
 
 confusion.png (row-normalised), curves.png (loss/accuracy per epoch from history.csv),
-misclassified.png (a grid of wrong predictions), gradcam.png (Grad-CAM heatmaps of the float model
+misclassified.jpg (a grid of wrong predictions), gradcam.jpg (Grad-CAM heatmaps of the float model
 over a few faces per class), metrics.json.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def write_report(out: Path, split, probs: np.ndarray, m: dict, float_model: str 
     pick = np.random.default_rng(0).permutation(wrong)[:40]
     grid_png([split.x[i] for i in pick],
              [f"true {FER_LABELS[split.y[i]][:7]}\npred {FER_LABELS[pred[i]][:7]} {probs[i, pred[i]]:.2f}" for i in pick],
-             out / "misclassified.png")
+             out / "misclassified.jpg")
     if float_model:
         from .tfenv import keras
 
@@ -129,4 +129,4 @@ def write_report(out: Path, split, probs: np.ndarray, m: dict, float_model: str 
             heat = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
             tiles += [face, cv2.addWeighted(face, 0.55, heat, 0.45, 0)]
             caps += [FER_LABELS[split.y[i]], "grad-cam"]
-        grid_png(tiles, caps, out / "gradcam.png", cols=2 * per_class, scale=3)
+        grid_png(tiles, caps, out / "gradcam.jpg", cols=2 * per_class, scale=2)
