@@ -99,6 +99,9 @@ class Mosquitto:
             "log_type notice",
             "log_type information",
             "connection_messages true",
+            # The test subscriber may reconnect after the publisher: let the broker queue every QoS 1 message for it
+            # (default 1000), so a lost message can only be the publisher's fault.
+            "max_queued_messages 0",
         ]
         if os.geteuid() == 0:
             # As root mosquitto drops to user "mosquitto", which cannot read the private pytest tmp dir.
