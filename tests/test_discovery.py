@@ -223,7 +223,8 @@ def test_announce_retained_reannounce_after_restart_and_ha_birth_state_rate_limi
         assert ha.cleared == 1
         # Full topics only when asked for: a suffix with '/' still goes under the device.
         assert pub.publish("model/status", "x", retain=True)
-        assert retained(broker, f"fer-edge/{device}/model/status") == {f"fer-edge/{device}/model/status": b"x"}
+        assert wait_until(lambda: retained(broker, f"fer-edge/{device}/model/status")
+                          == {f"fer-edge/{device}/model/status": b"x"}), "QoS 0: give a loaded machine time"
 
         # Initial state on connect: nobody in view, retained.
         state_topic = f"fer-edge/{device}/state"
