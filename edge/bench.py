@@ -89,7 +89,6 @@ class BenchOptions:
     detector: str = "haar"
     detector_model: str = ""
     detect_width: int = 320
-    detect_mode: str = "sync"  # "async": full detection in a worker thread (edge.detect.AsyncDetector)
     model: str = ""  # "" = the bundled model
     compare: str = ""  # second model, run interleaved on the same crops
     iterations: int = 200
@@ -542,14 +541,11 @@ def measure(opts: BenchOptions, sc: Scenario, path: str, fps: float) -> dict:
     other = load_timed(opts.compare, sc.threads, sc.backend)[0] if opts.compare else None
     t0 = time.perf_counter()
     det = make_detector(DetectConfig(backend=opts.detector, model_path=opts.detector_model,
-                                     detect_width=opts.detect_width, every_n=sc.every_n, mode=opts.detect_mode))
+                                     detect_width=opts.detect_width, every_n=sc.every_n))
     out = {"status": "ok", "backend_version": clf.backend, "model_load_ms": load_ms,
            "detector_load_ms": round((time.perf_counter() - t0) * 1e3, 2)}
     capture = capture_times(path, opts.iterations, min(opts.warmup, 5))
-    try:
-        out.update(_pipeline(opts, sc, path, fps, clf, det, other))
-    finally:
-        det.close()
+    out.update(_pipeline(opts, sc, path, fps, clf, det, other))
     out["stages"] = dict(capture=summarize(capture), **out["stages"])
     out["rss_mb"] = rss_mb()
     out["peak_rss_mb"] = peak_rss_mb()
@@ -570,20 +566,10 @@ def _pipeline(opts: BenchOptions, sc: Scenario, path: str, fps: float, clf: Clas
     name = f"bench:{Path(path).name}"
     perf = time.perf_counter
     t_start = cpu_start = 0.0
-    # Async detection works while the frame loop waits for the camera: pace frames at the video's rate then,
-    # or the worker would never get to finish (a real camera never delivers faster than its fps).
-    pace = 1.0 / fps if opts.detect_mode == "async" else 0.0
-    next_frame, slept = perf(), 0.0
     with src:
         for i in range(opts.warmup + opts.iterations):
             if i == opts.warmup:
                 t_start, cpu_start = perf(), time.process_time()
-            if pace:
-                next_frame += pace
-                nap = max(0.0, next_frame - perf())
-                time.sleep(nap)
-                if i >= opts.warmup:
-                    slept += nap
             tw = perf()
             frame = src.read(timeout=10.0)
             wait = perf() - tw
@@ -632,7 +618,7 @@ def _pipeline(opts: BenchOptions, sc: Scenario, path: str, fps: float, clf: Clas
                     cmp["ms_b"].append(db / len(boxes))
                     cmp["agree"] += int(np.sum(np.argmax(probs, 1) == np.argmax(pb, 1)))
                     cmp["faces"] += len(boxes)
-        wall = perf() - t_start - slept  # paced (async) runs: the frame rate the pipeline could sustain
+        wall = perf() - t_start
         cpu = time.process_time() - cpu_start
     publisher.stop(timeout=0)
     n = opts.iterations
@@ -695,8 +681,6 @@ def command_line(opts: BenchOptions) -> str:
         args += ["--detector-model", opts.detector_model]
     if opts.detect_width != d.detect_width:
         args += ["--detect-width", str(opts.detect_width)]
-    if opts.detect_mode != d.detect_mode:
-        args += ["--detect-mode", opts.detect_mode]
     for flag, value in (("--model", opts.model), ("--compare", opts.compare)):
         if value:
             args += [flag, value]
@@ -735,7 +719,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = lambda msg: None) 
     clf, load_ms = load_timed(opts.model, 1, first)
     other = load_timed(opts.compare, 1, first)[0] if opts.compare else None
     make_detector(DetectConfig(backend=opts.detector, model_path=opts.detector_model,
-                               detect_width=opts.detect_width, mode=opts.detect_mode)).close()
+                               detect_width=opts.detect_width))
     scenarios = plan(opts)
     results = []
     t0 = time.monotonic()
@@ -760,7 +744,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = lambda msg: None) 
         "machine": machine,
         "model": dict(clf.info(), load_ms=load_ms, manifest_name=clf.manifest.get("name")),
         "compare_model": other.info() if other is not None else None,
-        "detector": {"backend": opts.detector, "detect_width": opts.detect_width, "mode": opts.detect_mode,
+        "detector": {"backend": opts.detector, "detect_width": opts.detect_width,
                      "model_path": opts.detector_model or None},
         "settings": {"iterations": opts.iterations, "warmup": opts.warmup, "grid": opts.grid,
                      "scene_frames": opts.scene_frames, "seed": opts.seed},

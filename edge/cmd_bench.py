@@ -41,8 +41,6 @@ def register(subparsers) -> None:
     p.add_argument("--detector-model", default="", metavar="ONNX", help="YuNet model file (for --detector yunet)")
     p.add_argument("--detect-width", type=int, default=320, metavar="PX",
                    help="detect on frames downscaled to this width (default 320; 0 = full resolution)")
-    p.add_argument("--detect-mode", default="sync", choices=("sync", "async"),
-                   help="detect.mode: async runs full-frame detection in a worker thread (default sync)")
     p.add_argument("--model", default="", metavar="TFLITE", help="model to benchmark (default: the bundled one)")
     p.add_argument("--compare", default="", metavar="TFLITE",
                    help="second model run interleaved on the same faces: latency ratio and top-1 agreement")
@@ -61,8 +59,7 @@ def options_from_args(args: argparse.Namespace):
     from edge.bench import BenchOptions
 
     opts = BenchOptions(input=args.input, grid=args.grid, detector=args.detector,
-                        detector_model=args.detector_model, detect_width=args.detect_width,
-                        detect_mode=args.detect_mode, model=args.model,
+                        detector_model=args.detector_model, detect_width=args.detect_width, model=args.model,
                         compare=args.compare)
     quick = {"faces": [3], "resolutions": ["640x480"], "threads": [1], "every_n": [1], "backends": ["ai-edge-litert"]}
     for attr, given in (("faces", args.faces), ("resolutions", args.resolution), ("threads", args.threads),
@@ -154,7 +151,7 @@ def format_table(report: dict) -> str:
         f"tflite-runtime {m['tflite-runtime']}",
         f"model {Path(mod['path']).name} v{mod['version']} ({mod['sha256'][:12]}, input {mod['input_size']} "
         f"{mod['input_dtype']}); detector {report['detector']['backend']} at width "
-        f"{report['detector']['detect_width']} ({report['detector'].get('mode', 'sync')})",
+        f"{report['detector']['detect_width']}",
         f"{report['settings']['iterations']} frames per scenario after {report['settings']['warmup']} warm-up, "
         "each scenario in a fresh process; times in ms as p50/p95",
         "",

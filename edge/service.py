@@ -391,8 +391,6 @@ class Service:
                 self.source.stop()
             except Exception as e:
                 log.warning("source stop failed: %s", e)
-        if self.detector is not None:
-            self.detector.close()
         final = self.stats() if self.classifier is not None else None
         if self.publisher is not None:
             if final is not None:
@@ -458,7 +456,6 @@ class Service:
                 log.error("reload: new detector settings rejected, keeping the old ones: %s", e)
                 live = [k for k in live if not k.startswith("detect.")]
             else:
-                self.detector.close()
                 self.detector = detector
         # Update the section objects in place: the tracker holds a reference to cfg.track.
         for key in live:

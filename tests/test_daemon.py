@@ -369,17 +369,6 @@ def test_every_n_reuses_tracked_boxes(short_clip):
     assert svc.latency.summary()["classify"]["p50_ms"] is not None
 
 
-def test_async_detection_mode_runs_the_pipeline(short_clip):
-    """detect.mode = async: full detection in a worker thread, refine per frame; same lifecycle, thread stopped."""
-    svc, events = service_for(short_clip, **{"detect.mode": "async", "source.realtime": "true"})
-    assert svc.run() == 0
-    assert svc.detector.name.endswith("+async")
-    assert not svc.detector._thread.is_alive(), "the worker thread is stopped at shutdown"
-    types = [e["type"] for e in events]
-    assert types.count("new") == 1 and types[-1] == "end", types
-    check_lifecycles([(e["type"], e["face_id"]) for e in events])
-
-
 class Flaky:
     """Wraps a real detector/classifier method; raises on every ``every``-th call."""
 

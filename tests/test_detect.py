@@ -126,8 +126,7 @@ def test_yunet_bad_model_paths(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("backend", "hog"), ("detect_width", 10), ("min_face", 0), ("max_faces", 0),
-                                         ("score_threshold", 1.5), ("every_n", 0),
-                                         ("mode", "fast")])
+                                         ("score_threshold", 1.5), ("every_n", 0)])
 def test_validate_names_the_field(field, value):
     cfg = DetectConfig(**{field: value})
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -154,86 +153,3 @@ def test_haar_on_demo_clip_matches_ground_truth():
         assert all(any(iou(b, g) > 0.3 for g in visible) for b in boxes), f"false face at frame {f}: {boxes}"
     cap.release()
     assert total > 40 and hits / total >= 0.9
-
-
-def _clip_frames(step: int = 1):
-    gt = json.loads(DEMO_JSON.read_text())
-    cap = cv2.VideoCapture(str(DEMO_JSON.parent / gt["clip"]))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return gt, frames[::step] if step > 1 else frames
-
-
-def test_refine_refinds_a_known_face_and_drops_a_gone_one():
-    gt, frames = _clip_frames()
-    det = HaarDetector(DetectConfig())
-    track = gt["tracks"][0]
-    f0 = track["frames"][0]
-    found = 0
-    checked = list(range(track["frames_full"][0] + 1, track["frames_full"][1], 7))
-    for f in checked:
-        prev = Box(*track["boxes"][f - 1 - f0])
-        box = det.refine(frames[f], prev)
-        found += box is not None and iou(box, track["boxes"][f - f0]) > 0.5
-    assert found >= 0.9 * len(checked)
-    # a region where no face is (the clip's first frames are empty background)
-    assert det.refine(frames[0], Box(200, 150, 160, 160)) is None
-
-
-def test_async_mode_never_waits_for_the_full_detection():
-    """A full detection that takes 0.4 s must not slow the frame loop; its faces still arrive, then are tracked."""
-    import time
-
-    from edge.detect import AsyncDetector
-
-    class Slow(HaarDetector):
-        def detect(self, image):
-            time.sleep(0.4)
-            return super().detect(image)
-
-    gt, frames = _clip_frames()
-    track = gt["tracks"][0]
-    start = track["frames_full"][0] + 5
-    det = AsyncDetector(Slow(DetectConfig()), HaarDetector(DetectConfig()))
-    try:
-        seen, calls = [], []
-        for f in range(start, start + 40):
-            t = time.perf_counter()
-            boxes = det.detect(frames[f])
-            calls.append(time.perf_counter() - t)
-            seen.append(any(iou(b, g) > 0.3 for b in boxes
-                            for g in [track["boxes"][f - track["frames"][0]]]))
-            time.sleep(0.02)
-        assert max(calls) < 0.2, "detect() waited for the slow full-frame detection"
-        assert not seen[0], "no result can exist before the first full detection finished"
-        first = seen.index(True)
-        assert all(seen[first:]), "once found, the face is re-found on every frame by the refine step"
-        assert det.full_detections >= 1
-    finally:
-        det.close()
-    assert not det._thread.is_alive()
-
-
-def test_async_mode_from_config_matches_ground_truth():
-    gt, frames = _clip_frames()
-    det = make_detector(DetectConfig(mode="async"))
-    import time
-
-    hits = total = 0
-    try:
-        for f, frame in enumerate(frames):
-            boxes = det.detect(frame)
-            time.sleep(0.01)  # a camera's frame interval lets the worker finish between frames
-            present = [t["boxes"][f - t["frames"][0]] for t in gt["tracks"]
-                       if t["frames_full"][0] <= f <= t["frames_full"][1]]
-            total += len(present)
-            hits += sum(any(iou(b, g) > 0.3 for b in boxes) for g in present)
-    finally:
-        det.close()
-    assert det.name == "haar+async"
-    assert hits / total >= 0.9
