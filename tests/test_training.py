@@ -157,3 +157,34 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
     assert (pf.argmax(1) == pq.argmax(1)).mean() >= 0.9
     probs = clf.predict(np.stack([x[0], x[1], x[2]]))
     assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
+    """--init starts from a previous best.h5; --ema saves averaged weights and resumes with its state."""
+    from training.tfenv import keras
+
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    first = tmp_path / "a"
+    base = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick", *cache]
+    r = subprocess.run([*base, "--out", str(first)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    second = tmp_path / "b"
+    cmd = [*base, "--out", str(second), "--init", str(first / "best.h5"), "--ema", "0.5"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "initialised from" in r.stdout and "epoch 2:" in r.stdout
+    a = keras.models.load_model(first / "best.h5", compile=False)
+    b = keras.models.load_model(second / "best.h5", compile=False)
+    # the second cycle continued from the first one's weights: closer to them than a fresh init is
+    fresh = keras.models.clone_model(a)
+    dist = lambda m: sum(float(np.abs(x - y).sum()) for x, y in zip(m.get_weights(), a.get_weights()))  # noqa: E731
+    assert 0 < dist(b) < dist(fresh)
+    # one more epoch resumes from the checkpoint, EMA shadow included
+    r = subprocess.run([*cmd, "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "epoch 3:" in r.stdout
+    assert "initialised from" not in r.stdout
+    # a bad --init names the file and exits 2 without a traceback
+    r = subprocess.run([*base, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "missing.h5")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr

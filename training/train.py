@@ -2,6 +2,7 @@
 
     python -m training.train --data ../shared/data/fer2013 --out runs/vgg-s --arch vgg-s --epochs 60
     python -m training.train --data DIR --out runs/q --quick        # minutes-long smoke run (tests)
+    python -m training.train --data DIR --out runs/b --init runs/a/best.h5 --lr 1e-3 --ema 0.999  # second cycle
 
 A killed run continues from its last epoch when started again with the same --out.
 Outputs in --out: best.h5 (best validation accuracy), ckpt/ (resume state), history.csv, run.json.
@@ -54,12 +55,37 @@ def make_datasets(splits, batch, weights, seed, aug=True):
     return ds, vds
 
 
+class WeightEMA:
+    """Exponential moving average of all model weights (BatchNorm statistics included).
+
+    Evaluating and saving the averaged weights smooths out the last steps' noise, which is worth a few
+    tenths of a point on FER-2013 at no inference cost. The shadow variables live in the resume checkpoint.
+    """
+
+    def __init__(self, model, momentum: float):
+        self.model, self.m = model, momentum
+        self.shadow = [tf.Variable(w, trainable=False) for w in model.weights]
+
+    def update(self):
+        for s, w in zip(self.shadow, self.model.weights):
+            s.assign(self.m * s + (1.0 - self.m) * w)
+
+    def swap(self):
+        """Exchange model weights and shadow weights (call twice to undo)."""
+        for s, w in zip(self.shadow, self.model.weights):
+            tmp = tf.identity(w)
+            w.assign(s)
+            s.assign(tmp)
+
+
 class EpochLog(keras.callbacks.Callback):
     """One plain log line per epoch, history.csv, checkpoint for resume and best model."""
 
-    def __init__(self, out: Path, ckpt: tf.train.CheckpointManager, epoch_var, patience: int):
+    def __init__(self, out: Path, ckpt: tf.train.CheckpointManager, epoch_var, patience: int,
+                 ema: WeightEMA | None = None, val=None):
         super().__init__()
         self.out, self.ckpt, self.epoch_var, self.patience = out, ckpt, epoch_var, patience
+        self.ema, self.val = ema, val
         self.t0 = time.time()
         hist = out / "history.csv"
         self.best, self.best_epoch = -1.0, 0
@@ -72,8 +98,17 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.time()
 
+    def on_train_batch_end(self, batch, logs=None):
+        if self.ema is not None:
+            self.ema.update()
+
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+        logs = dict(logs or {})
+        if self.ema is not None:
+            # validation and best.h5 use the averaged weights; training continues from the raw ones
+            self.ema.swap()
+            r = self.model.evaluate(self.val, verbose=0, return_dict=True)
+            logs["val_loss"], logs["val_accuracy"] = r["loss"], r["accuracy"]
         lr = self.model.optimizer.learning_rate
         lr = float(lr(self.model.optimizer.iterations)) if callable(lr) else float(lr)
         row = {"epoch": epoch + 1, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
@@ -89,6 +124,8 @@ class EpochLog(keras.callbacks.Callback):
         if row["val_accuracy"] > self.best:
             self.best, self.best_epoch = row["val_accuracy"], epoch + 1
             self.model.save(self.out / "best.h5", include_optimizer=False)
+        if self.ema is not None:
+            self.ema.swap()
         self.epoch_var.assign(epoch + 1)
         self.ckpt.save(checkpoint_number=epoch + 1)
         print(f"epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} val_loss {row['val_loss']:.4f} "
@@ -125,7 +162,9 @@ def train(args) -> int:
     model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
                   metrics=["accuracy"])
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    ck = tf.train.Checkpoint(model=model, optimizer=opt, epoch=epoch_var)
+    ema = WeightEMA(model, args.ema) if args.ema else None
+    extra = {"ema": ema.shadow} if ema else {}
+    ck = tf.train.Checkpoint(model=model, optimizer=opt, epoch=epoch_var, **extra)
     mgr = tf.train.CheckpointManager(ck, out / "ckpt", max_to_keep=2)
     if mgr.latest_checkpoint:
         ck.restore(mgr.latest_checkpoint)
@@ -134,6 +173,15 @@ def train(args) -> int:
         if (out / "history.csv").exists():
             (out / "history.csv").unlink()
         print(f"{args.arch}: {model.count_params():,} parameters", flush=True)
+        if args.init:
+            try:
+                model.load_weights(args.init)
+            except (OSError, ValueError) as e:
+                raise DataError(f"--init {args.init}: cannot load weights into {args.arch}: {e}") from e
+            if ema:
+                for s, w in zip(ema.shadow, model.weights):
+                    s.assign(w)
+            print(f"initialised from {args.init}", flush=True)
     run = vars(args) | {"labels": FER_LABELS, "params": model.count_params(),
                         "train_counts": tr.counts(), "val_counts": splits["val"].counts()}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
@@ -141,8 +189,8 @@ def train(args) -> int:
     if start >= args.epochs:
         print("already trained to --epochs; nothing to do", flush=True)
         return 0
-    model.fit(ds, validation_data=vds, epochs=args.epochs, initial_epoch=start, verbose=0,
-              callbacks=[EpochLog(out, mgr, epoch_var, args.patience)])
+    model.fit(ds, validation_data=None if ema else vds, epochs=args.epochs, initial_epoch=start, verbose=0,
+              callbacks=[EpochLog(out, mgr, epoch_var, args.patience, ema=ema, val=vds)])
     print(f"done: best val_acc in {out / 'history.csv'}; model {out / 'best.h5'}", flush=True)
     return 0
 
@@ -152,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with train/ and test/ (Kaggle layout) or fer2013.csv")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds a checkpoint)")
     p.add_argument("--arch", default="vgg-s", choices=list(models.ARCHS))
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, help="default 60 (2 with --quick)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -161,18 +209,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight-power", type=float, default=0.5, help="0 = no balancing, 0.5 = sqrt inverse freq")
     p.add_argument("--patience", type=int, default=15, help="early stopping patience in epochs (0 = off)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--init", help="start from these weights (a best.h5 of the same --arch): a second training cycle")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="weight moving-average momentum, e.g. 0.999 (0 = off); validation and best.h5 use it")
     p.add_argument("--cache-dir", default=".cache/fer-data")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) corrupt images/rows instead of failing")
     p.add_argument("--no-aug", action="store_true")
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (debugging)")
-    p.add_argument("--quick", action="store_true", help="tiny net, 2 epochs: a smoke test in seconds")
+    p.add_argument("--quick", action="store_true", help="tiny net, 2 epochs unless --epochs: a smoke test in seconds")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.quick:
-        args.arch, args.epochs, args.batch, args.warmup_epochs, args.patience = "tiny", 2, 32, 0, 0
+        args.arch, args.batch, args.warmup_epochs, args.patience = "tiny", 32, 0, 0
+    args.epochs = args.epochs or (2 if args.quick else 60)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return train(args)
