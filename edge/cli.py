@@ -91,12 +91,13 @@ def setup_logging(level: str = "INFO", env: Mapping[str, str] | None = None) -> 
 
 # --- config helpers --------------------------------------------------------------------------------
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser, verbose_help: str = "debug logging") -> None:
+    """The -c/--config, --set and -v options every config-reading sub-command shares."""
     p.add_argument("-c", "--config", metavar="FILE",
                    help="TOML config file (default: $FER_EDGE_CONFIG, else /etc/fer-edge/config.toml if present)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key, e.g. --set mqtt.host=broker.local (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
 
 
 def _overrides(args: argparse.Namespace, flag_map: Mapping[str, str] = {}) -> dict[str, str]:
@@ -714,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon (what the systemd service starts)",
                        description="Run the daemon until SIGTERM/SIGINT (or the end of a finite source). "
                                    "SIGHUP reloads the config file.")
-    _add_config_args(p)
+    add_config_args(p)
     _add_run_flags(p)
     p.set_defaults(func=cmd_run)
 
@@ -722,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs the daemon on the bundled demo clip. Uses the configured broker if "
                                    "reachable, else starts mosquitto (or an embedded amqtt) on a free port, "
                                    "else runs without MQTT.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--mqtt-host", metavar="HOST", help="use this broker")
     p.add_argument("--mqtt-port", metavar="PORT", help="broker port")
     p.add_argument("--no-mqtt", action="store_true", help="do not use MQTT at all; print events directly")
@@ -733,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="faces and emotions in image files",
                        description="Detect faces in each image and classify their emotions. Images that cannot "
                                    "be read are reported and skipped; exit status 1 if any failed.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.add_argument("--annotate", metavar="OUT", help="write an annotated copy (a directory if several images)")
@@ -745,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("listen", help="subscribe to face events and print them",
                        description="Prints events from <prefix>/<device>/faces and status changes. Broker "
                                    "settings come from the [mqtt] config section unless given here.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--host", help="broker host (mqtt.host)")
     p.add_argument("--port", help="broker port (mqtt.port)")
     p.add_argument("--prefix", help="topic prefix (mqtt.prefix)")
@@ -757,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the effective configuration as TOML",
                        description="Shows the configuration after defaults, file, environment and --set.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--check", action="store_true", help="only validate; print OK or the error")
     p.set_defaults(func=cmd_config)
 

@@ -9,17 +9,15 @@ import sys
 
 def register(sub) -> None:
     """Add the doctor sub-command."""
+    from edge.cli import add_config_args
+
     p = sub.add_parser(
         "doctor", help="check camera, model, broker, clock, disk and CPU; print what to fix",
         description="One line per check: OK, WARN, FAIL or SKIP, with the fix. Exit status 1 if any check "
                     "failed. Uses the same config as the daemon (default /etc/fer-edge/config.toml).")
-    p.add_argument("-c", "--config", metavar="FILE",
-                   help="TOML config file (default: $FER_EDGE_CONFIG, else /etc/fer-edge/config.toml if present)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key, e.g. --set mqtt.host=broker.local (repeatable)")
+    add_config_args(p, verbose_help="also show the modules' log messages")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="longest wait for the first camera frame (default 10)")
-    p.add_argument("-v", "--verbose", action="store_true", help="also show the modules' log messages")
     p.set_defaults(func=cmd_doctor)
 
 

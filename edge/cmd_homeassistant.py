@@ -10,6 +10,8 @@ import sys
 
 def register(sub) -> None:
     """Add the homeassistant sub-command."""
+    from edge.cli import add_config_args
+
     p = sub.add_parser(
         "homeassistant", help="Home Assistant MQTT discovery: show the configs, or remove the device",
         description="show: print the retained discovery configs the daemon announces with "
@@ -17,13 +19,9 @@ def register(sub) -> None:
                     "configs and state from the broker with empty retained messages, so Home Assistant drops "
                     "the device. Uses the daemon's config (default /etc/fer-edge/config.toml).")
     p.add_argument("action", choices=["show", "remove"])
-    p.add_argument("-c", "--config", metavar="FILE",
-                   help="TOML config file (default: $FER_EDGE_CONFIG, else /etc/fer-edge/config.toml if present)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key, e.g. --set mqtt.host=broker.local (repeatable)")
+    add_config_args(p)
     p.add_argument("--device-id", metavar="ID", help="device.id (default: the config's, else the hostname)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="broker timeout (remove)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_homeassistant)
 
 

@@ -10,22 +10,20 @@ import sys
 
 def register(sub) -> None:
     """Add the snapshot sub-command."""
+    from edge.cli import add_config_args
+
     p = sub.add_parser(
         "snapshot", help="write one annotated frame (face boxes, emotions) to check the camera's aim",
         description="Captures one frame from the configured source (after a short warm-up so the camera "
                     "settles its exposure), runs detection and classification, writes an annotated JPEG/PNG "
                     "and prints a JSON summary (faces, boxes, emotions) on stdout. Copy the file off the Pi "
                     "(scp) to look at it. Stop the service first if it holds the camera.")
-    p.add_argument("-c", "--config", metavar="FILE",
-                   help="TOML config file (default: $FER_EDGE_CONFIG, else /etc/fer-edge/config.toml if present)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key, e.g. --set source.rotate=180 to try a mounting (repeatable)")
+    add_config_args(p, verbose_help="also show the modules' log messages")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output image (.jpg or .png)")
     p.add_argument("--warmup", type=float, default=2.0, metavar="SECONDS",
                    help="capture this long before taking the frame, for exposure to settle (default 2)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="longest wait for the first frame (default 10)")
-    p.add_argument("-v", "--verbose", action="store_true", help="also show the modules' log messages")
     p.set_defaults(func=cmd_snapshot)
 
 
