@@ -28,8 +28,12 @@ class ModelError(Exception):
 class ModelConfig:
     path: str = ""  # "" = the bundled default model
     threads: int = 1
+    flip_average: bool = False  # also classify the mirrored face and average: about +1 point, 2x classify time
+
 
     def validate(self) -> None:
+        if not isinstance(self.flip_average, bool):
+            raise ValueError(f"flip_average: must be true or false (got {self.flip_average!r})")
         if not 1 <= self.threads <= 16:
             raise ValueError(f"threads: must be 1..16 (got {self.threads})")
         if self.path and not Path(self.path).expanduser().is_file():
@@ -150,11 +154,19 @@ class Classifier:
             self._it.allocate_tensors()
             self._batch = n
 
-    def predict(self, faces: np.ndarray) -> np.ndarray:
-        """Probabilities (N, len(labels)) for gray uint8 faces of shape (N, size, size)."""
+    def predict(self, faces: np.ndarray, flip_average: bool = False) -> np.ndarray:
+        """Probabilities (N, len(labels)) for gray uint8 faces of shape (N, size, size).
+
+        ``flip_average`` also classifies each face mirrored (in the same invoke) and averages the two:
+        the models are trained with flips, so the mirror is a second, equally valid view.
+        """
         faces = np.asarray(faces)
         if faces.ndim == 2:
             faces = faces[None]
+        if flip_average and faces.shape[0]:
+            n = faces.shape[0]
+            p = self.predict(np.concatenate([faces, faces[:, :, ::-1]]))
+            return ((p[:n] + p[n:]) / 2).astype(np.float32)
         n = faces.shape[0]
         if n == 0:
             return np.zeros((0, len(self.labels)), np.float32)

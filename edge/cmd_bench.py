@@ -44,6 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="", metavar="TFLITE", help="model to benchmark (default: the bundled one)")
     p.add_argument("--compare", default="", metavar="TFLITE",
                    help="second model run interleaved on the same faces: latency ratio and top-1 agreement")
+    p.add_argument("--flip-average", action="store_true",
+                   help="classify each face and its mirror image and average them (model.flip_average = true)")
     p.add_argument("--iterations", type=int, metavar="N", help="measured frames per scenario (default 200)")
     p.add_argument("--warmup", type=int, metavar="N", help="unmeasured frames first (default 20)")
     p.add_argument("--quick", action="store_true",
@@ -60,7 +62,7 @@ def options_from_args(args: argparse.Namespace):
 
     opts = BenchOptions(input=args.input, grid=args.grid, detector=args.detector,
                         detector_model=args.detector_model, detect_width=args.detect_width, model=args.model,
-                        compare=args.compare)
+                        compare=args.compare, flip_average=args.flip_average)
     quick = {"faces": [3], "resolutions": ["640x480"], "threads": [1], "every_n": [1], "backends": ["ai-edge-litert"]}
     for attr, given in (("faces", args.faces), ("resolutions", args.resolution), ("threads", args.threads),
                         ("every_n", args.every_n), ("backends", args.backend)):

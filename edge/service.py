@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("capture_wait", "detect", "preprocess", "classify", "track_publish", "total")
 # Keys that SIGHUP can apply without restarting (whole sections end with '.').
-LIVE_KEYS = ("track.", "detect.", "mqtt.stats_interval_s", "service.")
+LIVE_KEYS = ("track.", "detect.", "mqtt.stats_interval_s", "service.", "model.flip_average")
 SECRET_KEYS = {"mqtt.password"}
 
 
@@ -259,7 +259,8 @@ class Service:
         probs = np.zeros((0, n_labels), dtype=np.float32)
         if crops:
             try:
-                probs = np.asarray(self.classifier.predict(np.stack(crops)), dtype=np.float32)
+                probs = self.classifier.predict(np.stack(crops), flip_average=self.cfg.model.flip_average)
+                probs = np.asarray(probs, dtype=np.float32)
                 if probs.shape != (len(crops), n_labels) or not np.all(np.isfinite(probs)):
                     raise ValueError(f"classifier returned shape {probs.shape} / non-finite values")
             except Exception as e:

@@ -125,6 +125,18 @@ def test_predict_pre_cropped_fer_face_text_output(tmp_path):
     assert m and m.group(1) in LABELS, r.stdout
 
 
+def test_predict_honours_model_flip_average(tmp_path):
+    if not FER_TEST.is_dir():
+        pytest.skip(f"FER-2013 test faces not found at {FER_TEST} (../shared beside the repo)")
+    paths = [str(FER_TEST / f) for f in FACES]
+    plain = [json.loads(line) for line in cli("predict", "--json", *paths).stdout.splitlines()]
+    flip = [json.loads(line) for line in
+            cli("predict", "--json", "--set", "model.flip_average=true", *paths).stdout.splitlines()]
+    assert len(plain) == len(flip) == len(paths)
+    conf = lambda rows: [r["faces"][0]["confidence"] for r in rows]  # noqa: E731
+    assert conf(plain) != conf(flip)
+
+
 def test_predict_usage_errors():
     r = cli("predict")
     assert r.returncode == 2 and "IMAGE" in r.stderr and "Traceback" not in r.stderr

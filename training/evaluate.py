@@ -21,14 +21,14 @@ from edge.preprocess import crop_face, inner_box
 from .data import FER_LABELS, load_dataset
 
 
-def predict_split(clf, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def predict_split(clf, x: np.ndarray, batch: int = 64, flip_average: bool = False) -> np.ndarray:
     """Probabilities for uint8 faces (N, 48, 48) via the daemon's preprocess and classifier."""
     size, margin = clf.input_size, clf.margin
     box = inner_box(x.shape[1], margin)
     out = []
     for i in range(0, len(x), batch):
         faces = np.stack([crop_face(img, box, size, margin) for img in x[i : i + batch]])
-        out.append(clf.predict(faces))
+        out.append(clf.predict(faces, flip_average=flip_average))
     return np.concatenate(out)
 
 
@@ -49,10 +49,11 @@ def metrics(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict:
             "per_class": per, "confusion": cm.tolist()}
 
 
-def evaluate_bundle(model: str | Path, x: np.ndarray, y: np.ndarray, threads: int = 1) -> tuple[dict, np.ndarray]:
+def evaluate_bundle(model: str | Path, x: np.ndarray, y: np.ndarray, threads: int = 1,
+                    flip_average: bool = False) -> tuple[dict, np.ndarray]:
     """Metrics of a bundle on FER-ordered labels ``y``; model labels are mapped by name."""
     clf = load_classifier(model, threads)
-    probs = predict_split(clf, x)
+    probs = predict_split(clf, x, flip_average=flip_average)
     order = [clf.labels.index(lab) for lab in FER_LABELS]  # model output order -> FER order
     probs = probs[:, order]
     return metrics(y, probs.argmax(1), FER_LABELS), probs
@@ -66,9 +67,15 @@ def main(argv=None) -> int:
     p.add_argument("--report", default="", help="write report files (metrics.json, PNGs) to this folder")
     p.add_argument("--float-model", default="", help="Keras .h5 of the float model, for Grad-CAM in the report")
     p.add_argument("--history", default="", help="training history.csv, for the curves in the report")
+    p.add_argument("--flip-average", action="store_true",
+                   help="as the daemon with model.flip_average = true: average each face with its mirror image")
     a = p.parse_args(argv)
     s = load_dataset(a.data)[a.split]
-    m, probs = evaluate_bundle(a.model, s.x, s.y)
+    m, probs = evaluate_bundle(a.model, s.x, s.y, flip_average=a.flip_average)
+    m["flip_average"] = a.flip_average
+    # the figure with model.flip_average = true beside the plain one, for the model card
+    m["flip_average_accuracy"] = m["accuracy"] if a.flip_average else \
+        evaluate_bundle(a.model, s.x, s.y, flip_average=True)[0]["accuracy"]
     print(json.dumps({k: v for k, v in m.items() if k != "confusion"}, indent=1))
     if a.report:
         from .report import write_report
