@@ -160,12 +160,16 @@ def main(argv=None) -> int:
                         "int8_accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "float_accuracy": report["float_accuracy"], "ptq_accuracy": ptq_m["accuracy"],
                         "qat_accuracy": qat_m["accuracy"],
+                        "int8_flip_average_accuracy": evaluate_bundle(
+                            qat_path if use_qat else ptq_path, va.x, va.y,
+                            flip_average=True)[0]["accuracy"],
                         "per_class_recall": {k: v["recall"] for k, v in m["per_class"].items()}},
             "training": {"data": "FER-2013 train (27,935 faces, near-duplicates of test removed)",
                          "arch": run.get("arch"), "params": run.get("params"), "epochs": run.get("epochs"),
                          "command": "python -m training.train " + " ".join(
                              f"--{k.replace('_', '-')} {v}" for k, v in run.items()
-                             if k in ("data", "out", "arch", "epochs", "batch", "lr", "seed")),
+                             if k in ("data", "out", "arch", "epochs", "batch", "lr", "warmup_epochs", "seed",
+                                      "init", "ema") and v not in (None, "", 0, 0.0)),
                          "qat_epochs": a.epochs},
         }
         path = write_bundle(tfl, Path(a.bundle), name=a.name, version=a.version, extra=extra)
