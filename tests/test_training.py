@@ -158,6 +158,20 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
     probs = clf.predict(np.stack([x[0], x[1], x[2]]))
     assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
+    # the report: metrics through the edge classifier, PNGs, curves over two cycles
+    rep = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(bundle.with_suffix(".tflite")),
+                        "--data", str(folder_dataset), "--cache-dir", str(tmp_path / "cache"), "--report", str(rep),
+                        "--float-model", str(run / "best.h5"), "--history", str(run / "history.csv"),
+                        str(run / "history.csv")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((rep / "metrics.json").read_text())
+    assert set(m["per_class"]) == set(FER_LABELS) and 0 <= m["accuracy"] <= 1 and "flip_average_accuracy" in m
+    assert np.array(m["confusion"]).sum() == m["n"]
+    for name in ("confusion.png", "curves.png", "misclassified.jpg", "gradcam.jpg"):
+        img = cv2.imread(str(rep / name))
+        assert img is not None and img.shape[0] > 50 and img.std() > 5, name
+
 
 def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
     """--init starts from a previous best.h5; --ema saves averaged weights and resumes with its state."""

@@ -66,11 +66,13 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="val", help="val (PublicTest) or test (PrivateTest, CSV only)")
     p.add_argument("--report", default="", help="write report files (metrics.json, PNGs) to this folder")
     p.add_argument("--float-model", default="", help="Keras .h5 of the float model, for Grad-CAM in the report")
-    p.add_argument("--history", default="", help="training history.csv, for the curves in the report")
+    p.add_argument("--history", nargs="+", default=[],
+                   help="training history.csv, for the curves in the report (several: cycles, in order)")
     p.add_argument("--flip-average", action="store_true",
                    help="as the daemon with model.flip_average = true: average each face with its mirror image")
+    p.add_argument("--cache-dir", default=".cache/fer-data", help="decoded-dataset cache (as training.train)")
     a = p.parse_args(argv)
-    s = load_dataset(a.data)[a.split]
+    s = load_dataset(a.data, cache_dir=a.cache_dir)[a.split]
     m, probs = evaluate_bundle(a.model, s.x, s.y, flip_average=a.flip_average)
     m["flip_average"] = a.flip_average
     # the figure with model.flip_average = true beside the plain one, for the model card
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     if a.report:
         from .report import write_report
 
-        write_report(Path(a.report), s, probs, m, float_model=a.float_model or None, history_csv=a.history or None)
+        write_report(Path(a.report), s, probs, m, float_model=a.float_model or None, history_csv=a.history)
         print(f"report written to {a.report}")
     return 0
 

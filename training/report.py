@@ -40,8 +40,14 @@ def confusion_png(cm: np.ndarray, labels: list[str], path: Path, cell: int = 70)
     cv2.imwrite(str(path), img)
 
 
-def curves_png(history_csv: Path, path: Path, w: int = 900, h: int = 360) -> None:
-    rows = list(csv.DictReader(open(history_csv)))
+def curves_png(history_csv: Path | list[Path], path: Path, w: int = 900, h: int = 360) -> None:
+    """Loss and accuracy per epoch; several history files are training cycles, drawn one after the other."""
+    rows, starts = [], []
+    for hist in [history_csv] if isinstance(history_csv, (str, Path)) else history_csv:
+        cycle = list(csv.DictReader(open(hist)))
+        offset = len(rows)
+        starts.append(offset + 1)
+        rows += [dict(r, epoch=int(r["epoch"]) + offset) for r in cycle]
     if not rows:
         return
     ep = np.array([int(r["epoch"]) for r in rows])
@@ -59,6 +65,11 @@ def curves_png(history_csv: Path, path: Path, w: int = 900, h: int = 360) -> Non
         cv2.putText(img, f"{hi:.3f}", (x0 - 48, y0 + 5), FONT, 0.35, BLACK, 1, cv2.LINE_AA)
         cv2.putText(img, f"{lo:.3f}", (x0 - 48, y1), FONT, 0.35, BLACK, 1, cv2.LINE_AA)
         cv2.putText(img, f"epoch 1..{ep.max()}", (x1 - 90, y1 + 20), FONT, 0.4, BLACK, 1, cv2.LINE_AA)
+        for s in starts[1:]:  # a new training cycle (--init) starts here
+            xs = int(x0 + (s - ep.min()) / max(ep.max() - ep.min(), 1) * (x1 - x0))
+            cv2.line(img, (xs, y0), (xs, y1), (160, 160, 160), 1, cv2.LINE_AA)
+            cv2.putText(img, f"cycle {starts.index(s) + 1}", (xs + 4, y1 - 8), FONT, 0.4, (120, 120, 120), 1,
+                        cv2.LINE_AA)
         for series, key, color in zip(vals, keys, colors):
             xs = x0 + (ep - ep.min()) / max(ep.max() - ep.min(), 1) * (x1 - x0)
             ys = y1 - (series - lo) / (hi - lo) * (y1 - y0)
@@ -100,13 +111,15 @@ def gradcam(model, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def write_report(out: Path, split, probs: np.ndarray, m: dict, float_model: str | None = None,
-                 history_csv: Path | None = None, per_class: int = 3) -> None:
+                 history_csv: Path | list[Path] | None = None, per_class: int = 3) -> None:
     """Write metrics.json and the report PNGs for one evaluated split."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     confusion_png(np.array(m["confusion"]), FER_LABELS, out / "confusion.png")
-    if history_csv and Path(history_csv).exists():
-        curves_png(Path(history_csv), out / "curves.png")
+    hists = [history_csv] if isinstance(history_csv, (str, Path)) else list(history_csv or [])
+    hists = [Path(p) for p in hists if Path(p).exists()]
+    if hists:
+        curves_png(hists, out / "curves.png")
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != split.y)
     pick = np.random.default_rng(0).permutation(wrong)[:40]
