@@ -202,3 +202,22 @@ def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
     r = subprocess.run([*base, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "missing.h5")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_blurred_training_copy_is_refused(tmp_path):
+    """A blurred mirror of the training faces (as circulates for FER-2013) stops training with a clear error."""
+    from training.data import check_sharpness, load_dataset
+
+    ds = tmp_path / "ds"
+    x, _ = write_folder(ds / "train", 24, 0)
+    write_folder(ds / "test", 6, 1)
+    assert check_sharpness(load_dataset(ds, cache_dir=None))  # the faithful copy passes
+    for f in (ds / "train").rglob("*.png"):
+        cv2.imwrite(str(f), cv2.GaussianBlur(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), (5, 5), 0))
+    with pytest.raises(DataError, match="blurrier"):
+        check_sharpness(load_dataset(ds, cache_dir=None))
+    r = subprocess.run([sys.executable, "-m", "training.train", "--data", str(ds), "--out", str(tmp_path / "run"),
+                        "--quick", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "blurrier" in r.stderr and "--allow-blurry" in r.stderr
+    assert "Traceback" not in r.stderr

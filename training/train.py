@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import FER_LABELS, DataError, load_dataset
+from .data import FER_LABELS, DataError, check_sharpness, load_dataset
 from .tfenv import keras, tf
 from . import augment, models
 
@@ -149,6 +149,7 @@ def train(args) -> int:
             s.x, s.y = s.x[idx], s.y[idx]
     tr = splits["train"]
     print(f"train {len(tr.y)} faces {tr.counts()}, val {len(splits['val'].y)} faces", flush=True)
+    sharp = {} if args.allow_blurry else check_sharpness({k: splits[k] for k in ("train", "val")})
     weights = class_weights(tr.y, len(FER_LABELS), args.class_weight_power)
     ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug)
     steps = len(tr.y) // args.batch
@@ -183,7 +184,7 @@ def train(args) -> int:
                     s.assign(w)
             print(f"initialised from {args.init}", flush=True)
     run = vars(args) | {"labels": FER_LABELS, "params": model.count_params(),
-                        "train_counts": tr.counts(), "val_counts": splits["val"].counts()}
+                        "train_counts": tr.counts(), "val_counts": splits["val"].counts(), "sharpness": sharp}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
     start = int(epoch_var.numpy())
     if start >= args.epochs:
@@ -215,6 +216,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=".cache/fer-data")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) corrupt images/rows instead of failing")
     p.add_argument("--no-aug", action="store_true")
+    p.add_argument("--allow-blurry", action="store_true",
+                   help="train even if the training faces are much blurrier than the validation faces")
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (debugging)")
     p.add_argument("--quick", action="store_true", help="tiny net, 2 epochs unless --epochs: a smoke test in seconds")
     return p
