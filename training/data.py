@@ -226,9 +226,9 @@ def sharpness(x: np.ndarray) -> float:
     return float(np.median([cv2.Laplacian(x[i], cv2.CV_32F).var() for i in idx]))
 
 
-# Faithful FER-2013 train and PublicTest both have a median near 2,100; a 3x3 Gaussian blur of the
-# training faces drops it to ~320, 5x5 to ~140. Train below this fraction of the validation faces is a
-# blurred copy (a widely mirrored one is): a model trained on it scores near chance on real faces.
+# Faithful FER-2013 train and PublicTest both have a median near 2,100 (training.train prints them); a 3x3
+# Gaussian blur of the training faces drops it to ~320, 5x5 to ~140. Train below this fraction of the
+# validation faces is a blurred copy (a widely mirrored one is): models trained on it fail on real faces.
 BLUR_RATIO = 0.4
 
 

@@ -150,6 +150,8 @@ def train(args) -> int:
     tr = splits["train"]
     print(f"train {len(tr.y)} faces {tr.counts()}, val {len(splits['val'].y)} faces", flush=True)
     sharp = {} if args.allow_blurry else check_sharpness({k: splits[k] for k in ("train", "val")})
+    if sharp:
+        print(f"sharpness (median Laplacian variance): train {sharp['train']:.0f}, val {sharp['val']:.0f}", flush=True)
     weights = class_weights(tr.y, len(FER_LABELS), args.class_weight_power)
     ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug)
     steps = len(tr.y) // args.batch
