@@ -265,6 +265,10 @@ def test_last_will_offline_after_sigkill_and_journal_logs(broker, subscriber, tm
                name="journal")
     daemons.append(d)
     assert sub.wait_for(lambda ms: any(m.text == "online" for m in ms), timeout=20), d.log()
+    # "online" goes out on connect, which can come before the source has started on a busy machine
+    deadline = time.monotonic() + 20
+    while "source demo started" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
     d.proc.send_signal(signal.SIGKILL)
     d.wait(10)
     assert sub.wait_for(lambda ms: ms[-1].text == "offline", timeout=10), [m.text for m in sub.messages]
@@ -375,12 +379,12 @@ class Flaky:
     def __init__(self, fn, every: int):
         self.fn, self.every, self.calls, self.raised = fn, every, 0, 0
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         self.calls += 1
         if self.calls % self.every == 0:
             self.raised += 1
             raise RuntimeError("injected failure")
-        return self.fn(*args)
+        return self.fn(*args, **kwargs)
 
 
 def test_bad_frames_are_logged_rate_limited_and_skipped(short_clip, caplog):
