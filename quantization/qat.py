@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import hashlib
 import json
@@ -60,6 +61,18 @@ def tensor_quant(tfl: bytes) -> dict:
     q = lambda d: {"dtype": str(np.dtype(d["dtype"])), "scale": float(d["quantization"][0]),  # noqa: E731
                    "zero_point": int(d["quantization"][1])}
     return {"input": q(i), "output": q(o)}
+
+
+def history_summary(history_csv: Path) -> dict:
+    """Epochs actually run (a run may be stopped early) and the best one, from a run's history.csv."""
+    if not history_csv.exists():
+        return {}
+    rows = list(csv.DictReader(open(history_csv)))
+    if not rows:
+        return {}
+    best = max(rows, key=lambda r: float(r["val_accuracy"]))
+    return {"epochs_run": len(rows), "best_epoch": int(best["epoch"]),
+            "best_val_accuracy": round(float(best["val_accuracy"]), 4)}
 
 
 def write_bundle(tfl: bytes, stem: Path, *, name: str, version: str, extra: dict) -> Path:
@@ -151,9 +164,10 @@ def main(argv=None) -> int:
     if a.bundle:
         use_qat = a.ship == "qat" or qat_m["accuracy"] >= ptq_m["accuracy"]
         tfl, m = (qat, qat_m) if use_qat else (ptq, ptq_m)
-        run = {}
+        run, ran = {}, {}
         if a.train_run and (Path(a.train_run) / "run.json").exists():
             run = json.loads((Path(a.train_run) / "run.json").read_text())
+            ran = history_summary(Path(a.train_run) / "history.csv")
         extra = {
             "quantization_method": "qat" if use_qat else "ptq",
             "metrics": {"val_split": report["val_split"], "val_n": report["val_n"],
@@ -165,7 +179,7 @@ def main(argv=None) -> int:
                             flip_average=True)[0]["accuracy"],
                         "per_class_recall": {k: v["recall"] for k, v in m["per_class"].items()}},
             "training": {"data": "FER-2013 train (27,935 faces, near-duplicates of test removed)",
-                         "arch": run.get("arch"), "params": run.get("params"), "epochs": run.get("epochs"),
+                         "arch": run.get("arch"), "params": run.get("params"), "epochs": run.get("epochs"), **ran,
                          "command": "python -m training.train " + " ".join(
                              f"--{k.replace('_', '-')} {v}" for k, v in run.items()
                              if k in ("data", "out", "arch", "epochs", "batch", "lr", "warmup_epochs", "seed",

@@ -143,6 +143,8 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
 
     man = json.loads(bundle.with_suffix(".json").read_text())
     assert man["labels"] == FER_LABELS and man["input"]["size"] == 48
+    assert man["training"]["epochs_run"] == 2 and man["training"]["best_epoch"] in (1, 2)
+    assert 0 <= man["metrics"]["int8_flip_average_accuracy"] <= 1
     assert man["quantization"]["input"]["dtype"] == "int8" and man["quantization"]["output"]["dtype"] == "int8"
     clf = load_classifier(bundle.with_suffix(".tflite"))
     assert clf.sha256 == man["sha256"] and clf.input_dtype == np.int8
