@@ -223,3 +223,29 @@ def test_blurred_training_copy_is_refused(tmp_path):
                        timeout=300)
     assert r.returncode == 2 and "blurrier" in r.stderr and "--allow-blurry" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_mixup_mixes_images_labels_and_weights_consistently():
+    from training.tfenv import tf
+    from training.train import mixup
+
+    tf.random.set_seed(0)
+    rng = np.random.default_rng(0)
+    y_int = np.arange(16) % 7
+    x = tf.constant(rng.random((16, 48, 48, 1), dtype=np.float32))
+    y = tf.one_hot(y_int, 7)
+    w = tf.constant(rng.random(16, dtype=np.float32) + 0.5)
+    xm, ym, wm = (t.numpy() for t in mixup(x, y, w, 0.4))
+    assert np.allclose(ym.sum(1), 1, atol=1e-6)
+    own = ym[np.arange(16), y_int]
+    assert (own >= 0.5 - 1e-6).all(), "each sample keeps the larger share of its own label"
+    assert (ym.max(1) < 1 - 1e-3).sum() >= 8, "most labels are actually mixed"
+    # the image is the same convex combination as the label: x_mixed = lam*x + (1-lam)*x_partner
+    lam = own
+    x_np = x.numpy()
+    for i in range(16):
+        if lam[i] > 1 - 1e-6:
+            continue
+        partner = (xm[i] - lam[i] * x_np[i]) / (1 - lam[i])
+        assert min(np.abs(partner - x_np[j]).max() for j in range(16)) < 1e-3
+    assert wm.min() >= w.numpy().min() - 1e-6 and wm.max() <= w.numpy().max() + 1e-6

@@ -33,7 +33,23 @@ def class_weights(y: np.ndarray, n: int, power: float) -> np.ndarray:
     return (w / (w[y].mean())).astype(np.float32)
 
 
-def make_datasets(splits, batch, weights, seed, aug=True):
+def mixup(x, y, w, alpha: float):
+    """Mix each sample with a random partner of the batch: x, one-hot y and weight by lambda ~ Beta(a, a)."""
+    b = tf.shape(x)[0]
+    g1 = tf.random.gamma([b], alpha)
+    g2 = tf.random.gamma([b], alpha)
+    lam = g1 / (g1 + g2)
+    lam = tf.maximum(lam, 1.0 - lam)  # the sample keeps the larger share, so its own label dominates
+    idx = tf.random.shuffle(tf.range(b))
+    lx = tf.reshape(lam, [-1, 1, 1, 1])
+    ly = tf.reshape(lam, [-1, 1])
+    x = lx * x + (1.0 - lx) * tf.gather(x, idx)
+    y = ly * y + (1.0 - ly) * tf.gather(y, idx)
+    w = lam * w + (1.0 - lam) * tf.gather(w, idx)
+    return x, y, w
+
+
+def make_datasets(splits, batch, weights, seed, aug=True, mixup_alpha: float = 0.0):
     """tf.data pipelines: shuffled, augmented, class-weighted training set and a plain validation set."""
     n = len(FER_LABELS)
     tr, va = splits["train"], splits["val"]
@@ -47,7 +63,10 @@ def make_datasets(splits, batch, weights, seed, aug=True):
         x = tf.cast(x, tf.float32) / 255.0
         if aug:
             x = augment.augment_batch(x)
-        return x, tf.one_hot(y, n), w
+        y = tf.one_hot(y, n)
+        if mixup_alpha > 0:
+            x, y, w = mixup(x, y, w, mixup_alpha)
+        return x, y, w
 
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
     vds = tf.data.Dataset.from_tensor_slices((va.x[..., None], va.y)).batch(256)
@@ -153,7 +172,7 @@ def train(args) -> int:
     if sharp:
         print(f"sharpness (median Laplacian variance): train {sharp['train']:.0f}, val {sharp['val']:.0f}", flush=True)
     weights = class_weights(tr.y, len(FER_LABELS), args.class_weight_power)
-    ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug)
+    ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug, mixup_alpha=args.mixup)
     steps = len(tr.y) // args.batch
     total = max(1, steps * args.epochs)
     warm = min(steps * args.warmup_epochs, total // 4)
@@ -218,6 +237,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=".cache/fer-data")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) corrupt images/rows instead of failing")
     p.add_argument("--no-aug", action="store_true")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup with lambda ~ Beta(ALPHA, ALPHA), e.g. 0.2 (0 = off): regularises larger nets")
     p.add_argument("--allow-blurry", action="store_true",
                    help="train even if the training faces are much blurrier than the validation faces")
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (debugging)")
