@@ -249,3 +249,48 @@ def test_mixup_mixes_images_labels_and_weights_consistently():
         partner = (xm[i] - lam[i] * x_np[i]) / (1 - lam[i])
         assert min(np.abs(partner - x_np[j]).max() for j in range(16)) < 1e-3
     assert wm.min() >= w.numpy().min() - 1e-6 and wm.max() <= w.numpy().max() + 1e-6
+
+
+def test_distillation_from_teachers(folder_dataset, tmp_path):
+    """--distill trains towards the teachers' tempered, flip-averaged predictions; a bad teacher exits 2."""
+    from training.data import load_dataset
+    from training.tfenv import keras
+    from training.train import make_datasets, teacher_targets
+
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    base = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick", *cache]
+    teacher = tmp_path / "t"
+    r = subprocess.run([*base, "--out", str(teacher)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    splits = load_dataset(folder_dataset, cache_dir=None)
+    x = splits["train"].x
+    model = keras.models.load_model(teacher / "best.h5", compile=False)
+    p = model.predict(x[..., None] / 255.0, verbose=0)
+    pf = model.predict(x[:, :, ::-1, None] / 255.0, verbose=0)
+    q1 = teacher_targets([teacher / "best.h5"], x, temperature=1.0)
+    expect = np.sqrt(p * pf)  # geometric mean over the two views
+    expect /= expect.sum(1, keepdims=True)
+    assert np.allclose(q1, expect, atol=1e-4)
+    q3 = teacher_targets([teacher / "best.h5"], x, temperature=3.0)
+    assert np.allclose(q3.sum(1), 1, atol=1e-5)
+    assert (q3.max(1) <= q1.max(1) + 1e-6).all() and (q3.max(1) < q1.max(1) - 1e-4).any()  # softer
+    assert (q3.argmax(1) == q1.argmax(1)).all()
+    # the training targets blend one-hot labels and teacher targets by --distill-weight
+    w = np.ones(7, np.float32)
+    ds, _ = make_datasets(splits, 8, w, 0, aug=False, soft=q3, soft_weight=0.25)
+    xb, yb, _ = next(iter(ds))
+    xb, yb = xb.numpy(), yb.numpy()
+    idx = [int(np.argmin(np.abs(x / 255.0 - img[..., 0]).reshape(len(x), -1).sum(1))) for img in xb]
+    onehot = np.eye(7)[splits["train"].y[idx]]
+    assert np.allclose(yb, 0.75 * onehot + 0.25 * q3[idx], atol=1e-5)
+    # the CLI run records its teachers and trains
+    r = subprocess.run([*base, "--out", str(tmp_path / "s"), "--distill", str(teacher / "best.h5")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "distilling from 1 teacher" in r.stdout and "epoch 2:" in r.stdout
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["distill"] == [str(teacher / "best.h5")]
+    for bad, msg in ((["--distill", str(tmp_path / "nope.h5")], "nope.h5"),
+                     (["--distill", str(teacher / "best.h5"), "--distill-weight", "1.5"], "--distill-weight")):
+        r = subprocess.run([*base, "--out", str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]

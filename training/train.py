@@ -3,6 +3,7 @@
     python -m training.train --data ../shared/data/fer2013 --out runs/vgg-s --arch vgg-s --epochs 60
     python -m training.train --data DIR --out runs/q --quick        # minutes-long smoke run (tests)
     python -m training.train --data DIR --out runs/b --init runs/a/best.h5 --lr 1e-3 --ema 0.999  # second cycle
+    python -m training.train --data DIR --out runs/c --arch vgg-l --distill runs/a/best.h5 runs/b/best.h5  # student
 
 A killed run continues from its last epoch when started again with the same --out.
 Outputs in --out: best.h5 (best validation accuracy), ckpt/ (resume state), history.csv, run.json.
@@ -49,21 +50,52 @@ def mixup(x, y, w, alpha: float):
     return x, y, w
 
 
-def make_datasets(splits, batch, weights, seed, aug=True, mixup_alpha: float = 0.0):
-    """tf.data pipelines: shuffled, augmented, class-weighted training set and a plain validation set."""
+def teacher_targets(paths, x: np.ndarray, temperature: float = 2.0, batch: int = 512) -> np.ndarray:
+    """Soft targets for distillation: teacher probabilities averaged over models and mirror images, tempered.
+
+    ``x`` holds uint8 faces (N, H, W). Tempering p**(1/T), renormalised, equals softmax(logits / T): it
+    spreads the teacher's "dark knowledge" (which wrong classes look alike) over the runner-up classes.
+    Computed once on the un-augmented faces, so distillation costs no time per epoch.
+    """
+    xf = x[..., None].astype(np.float32) / 255.0
+    logp = np.zeros((len(x), len(FER_LABELS)), np.float64)
+    for path in paths:
+        try:
+            teacher = keras.models.load_model(path, compile=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"--distill {path}: cannot load teacher model: {e}") from e
+        if teacher.output_shape[-1] != len(FER_LABELS) or tuple(teacher.input_shape[1:3]) != x.shape[1:3]:
+            raise DataError(f"--distill {path}: expects {teacher.input_shape[1:3]} faces and has "
+                            f"{teacher.output_shape[-1]} outputs; needs {x.shape[1:3]} and {len(FER_LABELS)}")
+        for view in (xf, xf[:, :, ::-1]):
+            logp += np.log(np.clip(teacher.predict(view, batch_size=batch, verbose=0), 1e-7, 1.0))
+    logp /= 2 * len(paths)
+    z = logp / temperature
+    p = np.exp(z - z.max(1, keepdims=True))
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def make_datasets(splits, batch, weights, seed, aug=True, mixup_alpha: float = 0.0, soft=None,
+                  soft_weight: float = 0.0):
+    """tf.data pipelines: shuffled, augmented, class-weighted training set and a plain validation set.
+
+    ``soft`` (N, classes) are distillation targets blended into the one-hot labels with ``soft_weight``.
+    """
     n = len(FER_LABELS)
     tr, va = splits["train"], splits["val"]
     xtr = tr.x[..., None]
     ytr = tr.y
     sw = weights[ytr]
-    ds = tf.data.Dataset.from_tensor_slices((xtr, ytr, sw)).shuffle(len(ytr), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch, drop_remainder=True)
+    if soft is None:
+        soft, soft_weight = np.zeros((len(ytr), n), np.float32), 0.0
+    ds = tf.data.Dataset.from_tensor_slices((xtr, ytr, sw, soft))
+    ds = ds.shuffle(len(ytr), seed=seed, reshuffle_each_iteration=True).batch(batch, drop_remainder=True)
 
-    def prep(x, y, w):
+    def prep(x, y, w, q):
         x = tf.cast(x, tf.float32) / 255.0
         if aug:
             x = augment.augment_batch(x)
-        y = tf.one_hot(y, n)
+        y = (1.0 - soft_weight) * tf.one_hot(y, n) + soft_weight * q
         if mixup_alpha > 0:
             x, y, w = mixup(x, y, w, mixup_alpha)
         return x, y, w
@@ -172,7 +204,14 @@ def train(args) -> int:
     if sharp:
         print(f"sharpness (median Laplacian variance): train {sharp['train']:.0f}, val {sharp['val']:.0f}", flush=True)
     weights = class_weights(tr.y, len(FER_LABELS), args.class_weight_power)
-    ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug, mixup_alpha=args.mixup)
+    soft = None
+    if args.distill:
+        soft = teacher_targets(args.distill, tr.x, args.distill_temperature)
+        agree = float((soft.argmax(1) == tr.y).mean())
+        print(f"distilling from {len(args.distill)} teacher(s), weight {args.distill_weight}, "
+              f"T {args.distill_temperature}: teacher agrees with {agree:.1%} of training labels", flush=True)
+    ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug, mixup_alpha=args.mixup,
+                            soft=soft, soft_weight=args.distill_weight)
     steps = len(tr.y) // args.batch
     total = max(1, steps * args.epochs)
     warm = min(steps * args.warmup_epochs, total // 4)
@@ -239,6 +278,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-aug", action="store_true")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                    help="mixup with lambda ~ Beta(ALPHA, ALPHA), e.g. 0.2 (0 = off): regularises larger nets")
+    p.add_argument("--distill", nargs="+", metavar="MODEL.h5",
+                   help="teacher model(s) (best.h5 of earlier runs): train towards their averaged soft predictions")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="share of the teacher in the target (0-1)")
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="softens the teacher's probabilities")
     p.add_argument("--allow-blurry", action="store_true",
                    help="train even if the training faces are much blurrier than the validation faces")
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (debugging)")
@@ -251,6 +294,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.arch, args.batch, args.warmup_epochs, args.patience = "tiny", 32, 0, 0
     args.epochs = args.epochs or (2 if args.quick else 60)
+    if not 0.0 <= args.distill_weight <= 1.0 or args.distill_temperature <= 0:
+        print("--distill-weight must lie in [0, 1] and --distill-temperature be > 0", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return train(args)
