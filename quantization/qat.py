@@ -101,6 +101,27 @@ def write_bundle(tfl: bytes, stem: Path, *, name: str, version: str, extra: dict
     return stem.with_suffix(".tflite")
 
 
+def train_command(run: dict) -> str:
+    """The training command a run.json records: every option that differs from training.train's default."""
+    from training.train import parser
+
+    words = ["python -m training.train"]
+    for act in parser()._actions:
+        if not act.option_strings or act.dest not in run or act.dest == "help":
+            continue
+        v = run[act.dest]
+        if act.dest not in ("data", "out", "arch") and v == act.default:
+            continue
+        flag = act.option_strings[-1]
+        if isinstance(v, bool):
+            words += [flag] if v else []
+        elif isinstance(v, list):
+            words += [flag, *map(str, v)]
+        elif v is not None:
+            words += [flag, str(v)]
+    return " ".join(words)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantization.qat", description=__doc__.splitlines()[0])
     p.add_argument("--float", dest="float_model", required=True, help="trained float Keras model (.h5)")
@@ -108,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for ptq/qat models and quant_report.json")
     p.add_argument("--bundle", default="", help="write the shipped bundle to this stem (e.g. edge/models/fer_emotion)")
     p.add_argument("--version", default="1.0.0")
-    p.add_argument("--name", default="fer-emotion-vgg-s")
+    p.add_argument("--name", help="model name in the manifest (default fer-emotion-<arch of --train-run>)")
     p.add_argument("--epochs", type=int, default=3, help="QAT fine-tuning epochs")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=128)
@@ -119,6 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (tests)")
     p.add_argument("--train-run", default="", help="training run folder, for run.json/history in the manifest")
     a = p.parse_args(argv)
+    if not a.name:
+        run_json = Path(a.train_run) / "run.json" if a.train_run else None
+        arch = json.loads(run_json.read_text()).get("arch") if run_json and run_json.exists() else None
+        a.name = f"fer-emotion-{arch}" if arch else "fer-emotion"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(a.seed)
@@ -180,10 +205,7 @@ def main(argv=None) -> int:
                         "per_class_recall": {k: v["recall"] for k, v in m["per_class"].items()}},
             "training": {"data": "FER-2013 train (27,935 faces, near-duplicates of test removed)",
                          "arch": run.get("arch"), "params": run.get("params"), "epochs": run.get("epochs"), **ran,
-                         "command": "python -m training.train " + " ".join(
-                             f"--{k.replace('_', '-')} {v}" for k, v in run.items()
-                             if k in ("data", "out", "arch", "epochs", "batch", "lr", "warmup_epochs", "seed",
-                                      "init", "ema") and v not in (None, "", 0, 0.0)),
+                         "command": train_command(run),
                          "qat_epochs": a.epochs},
         }
         path = write_bundle(tfl, Path(a.bundle), name=a.name, version=a.version, extra=extra)

@@ -144,6 +144,11 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
     man = json.loads(bundle.with_suffix(".json").read_text())
     assert man["labels"] == FER_LABELS and man["input"]["size"] == 48
     assert man["training"]["epochs_run"] == 2 and man["training"]["best_epoch"] in (1, 2)
+    # the name follows the trained architecture; the command reproduces the run's non-default options
+    assert man["name"] == "fer-emotion-tiny"
+    cmd_words = man["training"]["command"].split()
+    assert cmd_words[:3] == ["python", "-m", "training.train"] and "--quick" in cmd_words
+    assert cmd_words[cmd_words.index("--arch") + 1] == "tiny" and cmd_words[cmd_words.index("--out") + 1] == str(run)
     assert 0 <= man["metrics"]["int8_flip_average_accuracy"] <= 1
     assert man["quantization"]["input"]["dtype"] == "int8" and man["quantization"]["output"]["dtype"] == "int8"
     clf = load_classifier(bundle.with_suffix(".tflite"))

@@ -53,7 +53,7 @@ ARCHS = {
     # 1.18M params, ~0.64 ms/face int8 on one x86 core (python -m training.archbench)
     "vgg-s": lambda **k: vgg((32, 64, 128, 256), (2, 2, 2, 2), name="vgg_s", **k),
     # 1.91M params, ~0.75 ms/face: capacity where it is cheap (one conv at 48x48, three at 12x12 and 6x6);
-    # the next candidate, not trained yet (model card)
+    # the shipped model since 1.2.0 (model card)
     "vgg-l": lambda **k: vgg((32, 64, 128, 256), (1, 2, 3, 3), name="vgg_l", **k),
     # 2.6M params, ~1.1 ms/face: over the 1 ms budget, kept for the comparison
     "vgg-m": lambda **k: vgg((48, 96, 192, 384), (1, 2, 2, 2), name="vgg_m", **k),
