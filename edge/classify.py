@@ -28,7 +28,7 @@ class ModelError(Exception):
 class ModelConfig:
     path: str = ""  # "" = the bundled default model
     threads: int = 1
-    flip_average: bool = False  # also classify the mirrored face and average: +0.4-1.2 points by model, 2x classify time
+    flip_average: bool = False  # also classify the mirrored face and average: +0.4-1.2 points, 2x the time
 
 
     def validate(self) -> None:
