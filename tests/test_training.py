@@ -294,6 +294,19 @@ def test_distillation_from_teachers(folder_dataset, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "distilling from 1 teacher" in r.stdout and "epoch 2:" in r.stdout
     assert json.loads((tmp_path / "s" / "run.json").read_text())["distill"] == [str(teacher / "best.h5")]
+    # training.ensemble reports the flip-averaged accuracy of each subset of teachers on the validation split
+    r = subprocess.run([sys.executable, "-m", "training.ensemble", "--data", str(folder_dataset), *cache,
+                        str(teacher / "best.h5"), str(tmp_path / "s" / "best.h5")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[2].endswith(f"{teacher / 'best.h5'} + {tmp_path / 's' / 'best.h5'}")
+    val = splits["val"]
+    qv = teacher_targets([teacher / "best.h5"], val.x, temperature=1.0)
+    assert lines[0] == f"{(qv.argmax(1) == val.y).mean():.4f}  {teacher / 'best.h5'}"
+    r = subprocess.run([sys.executable, "-m", "training.ensemble", "--data", str(folder_dataset), *cache,
+                        str(tmp_path / "nope.h5")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "nope.h5" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     for bad, msg in ((["--distill", str(tmp_path / "nope.h5")], "nope.h5"),
                      (["--distill", str(teacher / "best.h5"), "--distill-weight", "1.5"], "--distill-weight")):
         r = subprocess.run([*base, "--out", str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,
