@@ -7,6 +7,8 @@
 2. PTQ baseline: full-integer conversion (int8 input and output) with representative training faces.
 3. QAT: ``tfmot.quantization.keras.quantize_model``, a short fine-tune with the training augmentation,
    then the same full-integer conversion.
+   Before both, temperature scaling (``training.calibrate``): T fitted on the validation split's NLL is
+   folded into the ``probs`` layer, so scores are calibrated; decisions (argmax) do not change.
 4. Both int8 models are evaluated through the daemon's code (``training.evaluate``); the bundle
    (``.tflite`` + JSON manifest) is written from the QAT model, or from whichever int8 model scores
    higher with ``--ship best``. ``quant_report.json`` records float vs PTQ vs QAT.
@@ -26,6 +28,8 @@ import numpy as np
 
 from training.tfenv import keras, tf  # sets TF_USE_LEGACY_KERAS before TF loads
 
+from training.calibrate import (calibration_metrics, crossfit_ece, fit_temperature, fold_temperature, head_logits,
+                                softmax)
 from training.data import FER_LABELS, DataError, load_dataset
 from training.evaluate import evaluate_bundle
 from training.train import class_weights, make_datasets
@@ -136,10 +140,19 @@ def main(argv=None) -> int:
     p.add_argument("--rep-samples", type=int, default=500)
     p.add_argument("--ship", choices=["qat", "best"], default="qat")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--temperature", default="auto",
+                   help="softmax temperature folded into the model: auto (fit on validation NLL), none, or a number")
     p.add_argument("--cache-dir", default=".cache/fer-data")
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (tests)")
     p.add_argument("--train-run", default="", help="training run folder, for run.json/history in the manifest")
     a = p.parse_args(argv)
+    if a.temperature not in ("auto", "none"):
+        try:
+            t = float(a.temperature)
+            assert t > 0 and np.isfinite(t)
+        except (ValueError, AssertionError):
+            print(f"--temperature: expected auto, none or a positive number, got {a.temperature!r}", file=sys.stderr)
+            return 2
     if not a.name:
         run_json = Path(a.train_run) / "run.json" if a.train_run else None
         arch = json.loads(run_json.read_text()).get("arch") if run_json and run_json.exists() else None
@@ -159,9 +172,23 @@ def main(argv=None) -> int:
             s.x, s.y = s.x[idx], s.y[idx]
     tr, va = splits["train"], splits["val"]
     fmodel = keras.models.load_model(a.float_model, compile=False)
-    fprobs = fmodel.predict(va.x[..., None].astype(np.float32) / 255.0, batch_size=256, verbose=0)
+    xv = va.x[..., None].astype(np.float32) / 255.0
+    fprobs = fmodel.predict(xv, batch_size=256, verbose=0)
     facc = float((fprobs.argmax(1) == va.y).mean())
     print(f"float: val acc {facc:.4f}", flush=True)
+    calib = {"method": "none", "temperature": 1.0}
+    if a.temperature != "none":
+        z = head_logits(fmodel, xv)
+        t = fit_temperature(z, va.y) if a.temperature == "auto" else float(a.temperature)
+        split = "PublicTest" if len(va.y) == 3589 else "validation"
+        calib = {"method": "temperature", "temperature": round(t, 4),
+                 "fitted_on": f"{split} ({len(va.y)} faces), NLL" if a.temperature == "auto" else "given",
+                 "float_before": calibration_metrics(softmax(z), va.y),
+                 "float_after": calibration_metrics(softmax(z / t), va.y),
+                 "float_after_ece_crossfit": crossfit_ece(z, va.y, a.seed)}
+        fold_temperature(fmodel, t)
+        print(f"temperature {t:.3f}: float ECE {calib['float_before']['ece']:.4f} -> "
+              f"{calib['float_after']['ece']:.4f} (cross-fitted {calib['float_after_ece_crossfit']:.4f})", flush=True)
     rep = representative(tr.x, a.rep_samples, a.seed)
 
     ptq = to_int8(fmodel, rep)
@@ -183,6 +210,7 @@ def main(argv=None) -> int:
     print(f"qat:   val acc {qat_m['accuracy']:.4f} ({len(qat) / 1e3:.0f} KB)", flush=True)
 
     report = {"float_accuracy": round(facc, 4), "ptq": ptq_m, "qat": qat_m,
+              "calibration": calib,
               "qat_history": {k: [float(v) for v in vs] for k, vs in hist.history.items()},
               "val_split": "PublicTest" if len(va.y) == 3589 else "validation", "val_n": int(len(va.y))}
     (out / "quant_report.json").write_text(json.dumps(report, indent=2))
@@ -195,9 +223,11 @@ def main(argv=None) -> int:
             ran = history_summary(Path(a.train_run) / "history.csv")
         extra = {
             "quantization_method": "qat" if use_qat else "ptq",
+            "calibration": calib,
             "metrics": {"val_split": report["val_split"], "val_n": report["val_n"],
                         "int8_accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "float_accuracy": report["float_accuracy"], "ptq_accuracy": ptq_m["accuracy"],
+                        "int8_ece": m["calibration"]["ece"], "int8_nll": m["calibration"]["nll"],
                         "qat_accuracy": qat_m["accuracy"],
                         "int8_flip_average_accuracy": evaluate_bundle(
                             qat_path if use_qat else ptq_path, va.x, va.y,

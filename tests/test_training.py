@@ -135,7 +135,7 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
                         "--train-run", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "quant" / "quant_report.json").read_text())
-    assert {"float_accuracy", "ptq", "qat"} <= set(report)
+    assert {"float_accuracy", "ptq", "qat", "calibration"} <= set(report)
 
     from edge.classify import load_classifier
     from training.evaluate import predict_split
@@ -154,11 +154,18 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
     clf = load_classifier(bundle.with_suffix(".tflite"))
     assert clf.sha256 == man["sha256"] and clf.input_dtype == np.int8
 
-    # int8 (PTQ, the same weights as float) agrees with the float model within a stated tolerance
+    # temperature scaling fitted on validation NLL, folded into the model, recorded with before/after ECE
+    cal = man["calibration"]
+    assert cal["method"] == "temperature" and 0.05 <= cal["temperature"] <= 20
+    assert cal["float_after"]["nll"] <= cal["float_before"]["nll"] + 1e-4
+    assert 0 <= man["metrics"]["int8_ece"] <= 1 and "calibration" in report["ptq"]
+
+    # int8 (PTQ, the same weights as float with T folded in) agrees with the float model within a stated tolerance
     ptq = load_classifier(tmp_path / "quant" / "ptq.tflite")
     x, _ = synth_faces(4, seed=5)
     fmodel = keras.models.load_model(run / "best.h5", compile=False)
-    pf = fmodel.predict(x[..., None].astype(np.float32) / 255.0, verbose=0)
+    from training.calibrate import softmax
+    pf = softmax(np.log(fmodel.predict(x[..., None].astype(np.float32) / 255.0, verbose=0)) / cal["temperature"])
     pq = predict_split(ptq, x)
     assert np.abs(pf - pq).max() < 0.08, "int8 probabilities within 0.08 of float"
     assert (pf.argmax(1) == pq.argmax(1)).mean() >= 0.9
@@ -178,6 +185,24 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
     for name in ("confusion.png", "curves.png", "misclassified.jpg", "gradcam.jpg"):
         img = cv2.imread(str(rep / name))
         assert img is not None and img.shape[0] > 50 and img.std() > 5, name
+
+
+def test_fold_temperature_rescales_the_softmax_and_bad_values_exit_2(tmp_path):
+    from training.calibrate import fold_temperature, head_logits, softmax
+    from training.models import build
+    from training.tfenv import keras
+
+    keras.utils.set_random_seed(0)
+    model = build("tiny")
+    x = np.random.default_rng(0).random((8, 48, 48, 1)).astype(np.float32)
+    z = head_logits(model, x)
+    assert np.allclose(softmax(z), model.predict(x, verbose=0), atol=1e-5)
+    fold_temperature(model, 0.5)
+    assert np.allclose(softmax(z / 0.5), model.predict(x, verbose=0), atol=1e-5)
+    r = subprocess.run([sys.executable, "-m", "quantization.qat", "--float", "x.h5", "--data", str(tmp_path),
+                        "--out", str(tmp_path / "q"), "--temperature", "-1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "--temperature" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):

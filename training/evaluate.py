@@ -18,6 +18,7 @@ import numpy as np
 from edge.classify import load_classifier
 from edge.preprocess import crop_face, inner_box
 
+from .calibrate import calibration_metrics
 from .data import FER_LABELS, load_dataset
 
 
@@ -51,12 +52,14 @@ def metrics(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict:
 
 def evaluate_bundle(model: str | Path, x: np.ndarray, y: np.ndarray, threads: int = 1,
                     flip_average: bool = False) -> tuple[dict, np.ndarray]:
-    """Metrics of a bundle on FER-ordered labels ``y``; model labels are mapped by name."""
+    """Metrics (with calibration: ECE, NLL) of a bundle on FER-ordered labels ``y``; labels are mapped by name."""
     clf = load_classifier(model, threads)
     probs = predict_split(clf, x, flip_average=flip_average)
     order = [clf.labels.index(lab) for lab in FER_LABELS]  # model output order -> FER order
     probs = probs[:, order]
-    return metrics(y, probs.argmax(1), FER_LABELS), probs
+    m = metrics(y, probs.argmax(1), FER_LABELS)
+    m["calibration"] = calibration_metrics(probs, y)
+    return m, probs
 
 
 def main(argv=None) -> int:
