@@ -1,6 +1,7 @@
 """Model report images drawn with OpenCV (no plotting dependency).
 
 confusion.png (row-normalised), curves.png (loss/accuracy per epoch from history.csv),
+reliability.png (accuracy against confidence: how far a score can be taken at its word),
 misclassified.jpg (a grid of wrong predictions), gradcam.jpg (Grad-CAM heatmaps of the float model
 over a few faces per class), metrics.json.
 """
@@ -79,6 +80,35 @@ def curves_png(history_csv: Path | list[Path], path: Path, w: int = 900, h: int 
     cv2.imwrite(str(path), img)
 
 
+def reliability_png(probs: np.ndarray, y: np.ndarray, path: Path, bins: int = 10, size: int = 420) -> None:
+    """Reliability diagram: per confidence bin, the accuracy (bars) against the diagonal of perfect calibration."""
+    from .calibrate import ece
+
+    conf, hit = probs.max(1), probs.argmax(1) == y
+    m, top = 50, 50
+    img = np.full((size + top + 50, size + 2 * m, 3), 255, np.uint8)
+    x0, y0, x1, y1 = m, top, m + size, top + size
+    idx = np.clip((conf * bins).astype(int), 0, bins - 1)
+    bw = size / bins
+    for b in range(bins):
+        sel = idx == b
+        if not sel.any():
+            continue
+        acc = float(hit[sel].mean())
+        xa, xb = int(x0 + b * bw) + 2, int(x0 + (b + 1) * bw) - 2
+        cv2.rectangle(img, (xa, int(y1 - acc * size)), (xb, y1), (200, 140, 60), -1)
+        cv2.putText(img, str(int(sel.sum())), (xa, y1 + 14 + 12 * (b % 2)), FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
+    cv2.line(img, (x0, y1), (x1, y0), (0, 0, 200), 1, cv2.LINE_AA)
+    cv2.rectangle(img, (x0, y0), (x1, y1), BLACK, 1)
+    for v in (0.0, 0.5, 1.0):
+        cv2.putText(img, f"{v:.1f}", (x0 - 30, int(y1 - v * size) + 4), FONT, 0.35, BLACK, 1, cv2.LINE_AA)
+    cv2.putText(img, f"accuracy vs confidence (ECE {ece(probs, y):.3f}, mean conf {conf.mean():.2f}, "
+                     f"acc {hit.mean():.2f})", (10, 25), FONT, 0.45, BLACK, 1, cv2.LINE_AA)
+    cv2.putText(img, "top-1 score (faces per bin below); red: perfect calibration", (x0, y1 + 42), FONT, 0.4, BLACK,
+                1, cv2.LINE_AA)
+    cv2.imwrite(str(path), img)
+
+
 def grid_png(faces, captions, path: Path, cols: int = 10, scale: int = 2) -> None:
     s = faces[0].shape[0] * scale
     rows = (len(faces) + cols - 1) // cols
@@ -116,6 +146,7 @@ def write_report(out: Path, split, probs: np.ndarray, m: dict, float_model: str 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     confusion_png(np.array(m["confusion"]), FER_LABELS, out / "confusion.png")
+    reliability_png(probs, split.y, out / "reliability.png")
     hists = [history_csv] if isinstance(history_csv, (str, Path)) else list(history_csv or [])
     hists = [Path(p) for p in hists if Path(p).exists()]
     if hists:
