@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.calibrate import calibration_metrics, crossfit_ece, ece, fit_temperature, nll, softmax
+from training.calibrate import (calibration_metrics, crossfit_ece, ece, fit_temperature, nll, reliability_bins,
+                               softmax)
 
 
 def sampled(n: int = 6000, seed: int = 0):
@@ -45,3 +46,14 @@ def test_scaling_an_under_confident_model_lowers_ece_without_changing_decisions(
     assert after["mean_confidence"] > before["mean_confidence"]
     assert (softmax(soft / t).argmax(1) == softmax(soft).argmax(1)).all()
     assert crossfit_ece(soft, y) < 0.04
+
+
+def test_reliability_bins_count_every_face_once_and_measure_accuracy_per_bin():
+    probs = np.array([[0.95, 0.05], [0.92, 0.08], [0.55, 0.45], [0.3, 0.7], [0.5, 0.5]])
+    y = np.array([0, 1, 0, 1, 1])
+    rows = reliability_bins(probs, y, bins=10)
+    assert sum(r["n"] for r in rows) == len(y)
+    by_bin = {r["from"]: r for r in rows}
+    assert by_bin[0.9]["n"] == 2 and by_bin[0.9]["accuracy"] == 0.5 and abs(by_bin[0.9]["mean_score"] - 0.935) < 1e-9
+    assert by_bin[0.5]["n"] == 2 and by_bin[0.5]["accuracy"] == 0.5  # 0.55 right, the 0.5 tie goes to class 0: wrong
+    assert by_bin[0.7]["n"] == 1 and by_bin[0.7]["accuracy"] == 1.0

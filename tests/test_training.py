@@ -188,6 +188,7 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
     assert set(m["per_class"]) == set(FER_LABELS) and 0 <= m["accuracy"] <= 1 and "flip_average_accuracy" in m
     assert np.array(m["confusion"]).sum() == m["n"]
     assert {"ece", "nll", "mean_confidence"} <= set(m["calibration"])
+    assert sum(r["n"] for r in m["reliability"]) == m["n"]
     for name in ("confusion.png", "curves.png", "reliability.png", "misclassified.jpg", "gradcam.jpg"):
         img = cv2.imread(str(rep / name))
         assert img is not None and img.shape[0] > 50 and img.std() > 5, name

@@ -70,6 +70,19 @@ def calibration_metrics(probs: np.ndarray, y: np.ndarray) -> dict:
             "mean_confidence": round(float(p.max(1).mean()), 4)}
 
 
+def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per top-1-score bin of width 1/bins: face count, mean score and accuracy (the reliability diagram's data)."""
+    conf, hit = probs.max(1), probs.argmax(1) == y
+    idx = np.clip((conf * bins).astype(int), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            out.append({"from": round(b / bins, 3), "to": round((b + 1) / bins, 3), "n": int(sel.sum()),
+                        "mean_score": round(float(conf[sel].mean()), 4), "accuracy": round(float(hit[sel].mean()), 4)})
+    return out
+
+
 def crossfit_ece(logits: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """ECE with T fitted on one half of the data and measured on the other (both ways, averaged).
 

@@ -18,7 +18,7 @@ import numpy as np
 from edge.classify import load_classifier
 from edge.preprocess import crop_face, inner_box
 
-from .calibrate import calibration_metrics
+from .calibrate import calibration_metrics, reliability_bins
 from .data import FER_LABELS, load_dataset
 
 
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     s = load_dataset(a.data, cache_dir=a.cache_dir)[a.split]
     m, probs = evaluate_bundle(a.model, s.x, s.y, flip_average=a.flip_average)
     m["flip_average"] = a.flip_average
+    m["reliability"] = reliability_bins(probs, s.y)  # the reliability diagram's data: score vs accuracy per bin
     # the figure with model.flip_average = true beside the plain one, for the model card
     m["flip_average_accuracy"] = m["accuracy"] if a.flip_average else \
         evaluate_bundle(a.model, s.x, s.y, flip_average=True)[0]["accuracy"]

@@ -82,22 +82,18 @@ def curves_png(history_csv: Path | list[Path], path: Path, w: int = 900, h: int 
 
 def reliability_png(probs: np.ndarray, y: np.ndarray, path: Path, bins: int = 10, size: int = 420) -> None:
     """Reliability diagram: per confidence bin, the accuracy (bars) against the diagonal of perfect calibration."""
-    from .calibrate import ece
+    from .calibrate import ece, reliability_bins
 
     conf, hit = probs.max(1), probs.argmax(1) == y
     m, top = 50, 50
     img = np.full((size + top + 50, size + 2 * m, 3), 255, np.uint8)
     x0, y0, x1, y1 = m, top, m + size, top + size
-    idx = np.clip((conf * bins).astype(int), 0, bins - 1)
     bw = size / bins
-    for b in range(bins):
-        sel = idx == b
-        if not sel.any():
-            continue
-        acc = float(hit[sel].mean())
+    for row in reliability_bins(probs, y, bins):
+        b = int(round(row["from"] * bins))
         xa, xb = int(x0 + b * bw) + 2, int(x0 + (b + 1) * bw) - 2
-        cv2.rectangle(img, (xa, int(y1 - acc * size)), (xb, y1), (200, 140, 60), -1)
-        cv2.putText(img, str(int(sel.sum())), (xa, y1 + 14 + 12 * (b % 2)), FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
+        cv2.rectangle(img, (xa, int(y1 - row["accuracy"] * size)), (xb, y1), (200, 140, 60), -1)
+        cv2.putText(img, str(row["n"]), (xa, y1 + 14 + 12 * (b % 2)), FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
     cv2.line(img, (x0, y1), (x1, y0), (0, 0, 200), 1, cv2.LINE_AA)
     cv2.rectangle(img, (x0, y0), (x1, y1), BLACK, 1)
     for v in (0.0, 0.5, 1.0):
