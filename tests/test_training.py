@@ -212,6 +212,27 @@ def test_fold_temperature_rescales_the_softmax_and_bad_values_exit_2(tmp_path):
     assert r.returncode == 2 and "--temperature" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_report_survives_a_model_that_gets_a_class_never_or_everything_right(tmp_path):
+    """A weak model (one class for every face, or never right) or a perfect one still gets every report image."""
+    from types import SimpleNamespace
+
+    from training.evaluate import metrics
+    from training.models import build
+    from training.report import write_report
+
+    x, y = synth_faces(3, seed=2)
+    split = SimpleNamespace(x=x, y=y)
+    model = build("tiny")
+    model.save(tmp_path / "f.h5")
+    cases = (("constant", np.tile(np.eye(7)[3] * 0.5 + 0.5 / 7, (len(y), 1))), ("never right", np.eye(7)[(y + 1) % 7]),
+             ("perfect", np.eye(7)[y]))
+    for name, probs in cases:
+        out = tmp_path / name
+        write_report(out, split, probs, metrics(y, probs.argmax(1), FER_LABELS), float_model=str(tmp_path / "f.h5"))
+        for f in ("confusion.png", "reliability.png", "misclassified.jpg", "gradcam.jpg"):
+            assert cv2.imread(str(out / f)) is not None, (name, f)
+
+
 def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
     """--init starts from a previous best.h5; --ema saves averaged weights and resumes with its state."""
     from training.tfenv import keras

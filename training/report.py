@@ -106,6 +106,11 @@ def reliability_png(probs: np.ndarray, y: np.ndarray, path: Path, bins: int = 10
 
 
 def grid_png(faces, captions, path: Path, cols: int = 10, scale: int = 2) -> None:
+    if not len(faces):  # e.g. no misclassified face: say so rather than leave a stale or missing image
+        img = np.full((60, 320, 3), 255, np.uint8)
+        cv2.putText(img, "none", (10, 38), FONT, 0.8, BLACK, 2, cv2.LINE_AA)
+        cv2.imwrite(str(path), img)
+        return
     s = faces[0].shape[0] * scale
     rows = (len(faces) + cols - 1) // cols
     img = np.full((rows * (s + 30), cols * s, 3), 255, np.uint8)
@@ -159,9 +164,11 @@ def write_report(out: Path, split, probs: np.ndarray, m: dict, float_model: str 
         model = keras.models.load_model(float_model, compile=False)
         idx = []
         for c in range(len(FER_LABELS)):
+            # correctly classified faces first; a weak model may have none of a class, then any of its faces
             hits = np.flatnonzero((split.y == c) & (pred == c))
-            idx.extend(hits[:per_class])
-        idx = np.array(idx)
+            rest = np.flatnonzero((split.y == c) & (pred != c))
+            idx.extend(np.concatenate([hits, rest])[:per_class])
+        idx = np.array(idx, dtype=np.int64)
         cams = gradcam(model, split.x[idx], split.y[idx])
         tiles, caps = [], []
         for i, cam in zip(idx, cams):
