@@ -171,7 +171,13 @@ def main(argv=None) -> int:
             idx = rng.permutation(len(s.y))[: a.limit]
             s.x, s.y = s.x[idx], s.y[idx]
     tr, va = splits["train"], splits["val"]
-    fmodel = keras.models.load_model(a.float_model, compile=False)
+    try:
+        fmodel = keras.models.load_model(a.float_model, compile=False)
+        fmodel.get_layer("probs")
+    except (OSError, ValueError) as e:
+        print(f"--float {a.float_model}: cannot load a trained model with a 'probs' output layer "
+              f"(give the best.h5 of a training.train run): {e}", file=sys.stderr)
+        return 2
     xv = va.x[..., None].astype(np.float32) / 255.0
     fprobs = fmodel.predict(xv, batch_size=256, verbose=0)
     facc = float((fprobs.argmax(1) == va.y).mean())

@@ -233,6 +233,28 @@ def test_report_survives_a_model_that_gets_a_class_never_or_everything_right(tmp
             assert cv2.imread(str(out / f)) is not None, (name, f)
 
 
+def test_training_tools_report_user_errors_without_a_traceback(folder_dataset, tmp_path):
+    """A missing model, a split the dataset lacks, an empty folder, an unknown architecture: one line, exit 2."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_a_model.h5").write_bytes(b"not hdf5")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    cases = [
+        (["training.evaluate", "--model", str(tmp_path / "nope.tflite"), "--data", str(folder_dataset), *cache],
+         "nope.tflite"),
+        (["training.evaluate", "--data", str(folder_dataset), "--split", "test", *cache], "--split test"),
+        (["training.evaluate", "--data", str(folder_dataset), "--float-model", str(tmp_path / "gone.h5"), *cache],
+         "--float-model"),
+        (["quantization.qat", "--float", str(tmp_path / "not_a_model.h5"), "--data", str(folder_dataset), "--out",
+          str(tmp_path / "q"), *cache], "--float"),
+        (["training.framing", "--data", str(tmp_path / "empty")], "no .jpg faces"),
+        (["training.archbench", "--arch", "vgg-xl"], "invalid choice"),
+    ]
+    for args, words in cases:
+        r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and words in r.stderr, (args, r.returncode, r.stderr[-1500:])
+        assert "Traceback" not in r.stderr, args
+
+
 def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
     """--init starts from a previous best.h5; --ema saves averaged weights and resumes with its state."""
     from training.tfenv import keras

@@ -53,7 +53,7 @@ def time_model(tfl: bytes, batch: int, threads: int, iters: int = 200) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", nargs="+", default=["vgg-s", "dsep", "vgg-l", "vgg-m"])
+    p.add_argument("--arch", nargs="+", default=["vgg-s", "dsep", "vgg-l", "vgg-m"], choices=models.ARCHS)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     print(f"{'arch':8} {'params':>9} {'int8 KB':>8} {'ms/face b1':>11} {'ms/face b8':>11}")

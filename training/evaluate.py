@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.classify import load_classifier
+from edge.classify import ModelError, load_classifier
 from edge.preprocess import crop_face, inner_box
 
 from .calibrate import calibration_metrics, reliability_bins
-from .data import FER_LABELS, load_dataset
+from .data import FER_LABELS, DataError, load_dataset
 
 
 def predict_split(clf, x: np.ndarray, batch: int = 64, flip_average: bool = False) -> np.ndarray:
@@ -75,8 +75,18 @@ def main(argv=None) -> int:
                    help="as the daemon with model.flip_average = true: average each face with its mirror image")
     p.add_argument("--cache-dir", default=".cache/fer-data", help="decoded-dataset cache (as training.train)")
     a = p.parse_args(argv)
-    s = load_dataset(a.data, cache_dir=a.cache_dir)[a.split]
-    m, probs = evaluate_bundle(a.model, s.x, s.y, flip_average=a.flip_average)
+    try:
+        if a.float_model and not Path(a.float_model).is_file():
+            raise DataError(f"--float-model {a.float_model}: file not found")
+        splits = load_dataset(a.data, cache_dir=a.cache_dir)
+        if a.split not in splits:
+            raise DataError(f"--split {a.split}: this dataset has {', '.join(splits)} (PrivateTest, 'test', is only "
+                            f"in fer2013.csv)")
+        s = splits[a.split]
+        m, probs = evaluate_bundle(a.model, s.x, s.y, flip_average=a.flip_average)
+    except (DataError, ModelError) as e:
+        print(f"training.evaluate: {e}", file=sys.stderr)
+        return 2
     m["flip_average"] = a.flip_average
     m["reliability"] = reliability_bins(probs, s.y)  # the reliability diagram's data: score vs accuracy per bin
     # the figure with model.flip_average = true beside the plain one, for the model card

@@ -9,6 +9,7 @@ margin that makes ``edge.preprocess.crop_face`` reproduce FER-2013 framing is ``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import cv2
@@ -41,6 +42,9 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=600)
     a = p.parse_args(argv)
     files = sorted(Path(a.data).rglob("*.jpg"))
+    if not files:
+        print(f"training.framing: no .jpg faces under {a.data} (give e.g. ../shared/data/fer2013/test)", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(0)
     files = [files[i] for i in rng.permutation(len(files))[: a.limit]]
     images = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files]
@@ -59,10 +63,14 @@ def main(argv=None):
             return [tuple(b) for b in casc.detectMultiScale(c, 1.1, 5, minSize=(80, 80))]
         name = "haar"
     s, dx, dy = measure(images, detect)
+    if not len(s):
+        print(f"training.framing: {name} found no face in {len(images)} images", file=sys.stderr)
+        return 1
     print(f"{name}: detected {len(s)}/{len(images)}; box side median {np.median(s):.1f}px of 48 "
           f"(IQR {np.percentile(s, 25):.1f}-{np.percentile(s, 75):.1f}); centre offset median "
           f"({np.median(dx):+.1f}, {np.median(dy):+.1f})px; margin = 48/side - 1 = {48 / np.median(s) - 1:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
