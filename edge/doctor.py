@@ -188,7 +188,20 @@ def check_model(model_cfg, state_dir: str = "") -> tuple[Check, object]:
         return Check("model", FAIL, f"{where}: self-test gave invalid probabilities (shape {probs.shape})",
                      "the model file does not match its manifest: re-export it"), None
     return Check("model", OK, f"{where} v{clf.version} ({clf.sha256[:12]}), {clf.backend}, "
-                              f"{len(clf.labels)} labels, {ms:.1f} ms/face"), clf
+                              f"{len(clf.labels)} labels, {ms:.1f} ms/face{model_quality(clf.manifest)}"), clf
+
+
+def model_quality(manifest: dict) -> str:
+    """What the manifest says about accuracy and score calibration, for the model check's line (may be empty)."""
+    m, cal = manifest.get("metrics") or {}, manifest.get("calibration") or {}
+    out = ""
+    if isinstance(m.get("int8_accuracy"), (int, float)):
+        out += f", {m.get('val_split', 'validation')} accuracy {100 * m['int8_accuracy']:.1f}%"
+    if cal.get("method") == "temperature" and isinstance(m.get("int8_ece"), (int, float)):
+        out += f", scores calibrated (ECE {m['int8_ece']:.3f})"
+    elif m:
+        out += ", scores not calibrated (compare them, do not threshold them)"
+    return out
 
 
 def check_detector(detect_cfg) -> tuple[Check, object]:

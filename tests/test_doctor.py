@@ -81,6 +81,18 @@ def test_mqtt_disabled_is_a_warning():
     assert check_broker(cfg.mqtt, DoctorOptions()).status == WARN
 
 
+def test_model_check_says_what_the_manifest_says_about_accuracy_and_calibration():
+    from edge.doctor import model_quality
+
+    cfg = load_config(None, {}, env={})
+    check, clf = check_model(cfg.model)
+    man = clf.manifest
+    assert check.status == OK and f"accuracy {100 * man['metrics']['int8_accuracy']:.1f}%" in check.detail
+    assert f"scores calibrated (ECE {man['metrics']['int8_ece']:.3f})" in check.detail
+    old = {k: v for k, v in man.items() if k != "calibration"}  # a model exported before calibration
+    assert "not calibrated" in model_quality(old) and model_quality({}) == ""
+
+
 def test_broken_model_fails(tmp_path):
     bad = tmp_path / "model.tflite"
     bad.write_bytes(b"not a model")
