@@ -212,6 +212,7 @@ def test_fold_temperature_rescales_the_softmax_and_bad_values_exit_2(tmp_path):
     assert r.returncode == 2 and "--temperature" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")  # .h5 is what training.train writes
 def test_report_survives_a_model_that_gets_a_class_never_or_everything_right(tmp_path):
     """A weak model (one class for every face, or never right) or a perfect one still gets every report image."""
     from types import SimpleNamespace
