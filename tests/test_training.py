@@ -287,6 +287,42 @@ def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
     assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+def test_bf16_training_saves_a_float32_model_that_resumes(folder_dataset, tmp_path):
+    """--bf16 computes in bfloat16 but best.h5 is plain float32 (what QAT and evaluation load) and resumes."""
+    from training import models
+    from training.tfenv import keras
+    from training.train import save_float32
+    from training.tfenv import tf
+
+    run = tmp_path / "bf"
+    cmd = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick", "--bf16", "--ema", "0.5",
+           "--out", str(run), "--cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "epoch 2:" in r.stdout, r.stderr[-2000:]
+    m = keras.models.load_model(run / "best.h5", compile=False)
+    assert {layer.dtype for layer in m.layers if layer.weights} == {"float32"}
+    assert all(w.dtype == np.float32 for w in m.get_weights())
+    r = subprocess.run([*cmd, "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resumed from" in r.stdout and "epoch 3:" in r.stdout, r.stderr[-2000:]
+
+    # the float32 file holds the mixed-precision model's weights: same predictions up to bfloat16 rounding
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = models.build("vgg-s")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert mixed.layers[1].compute_dtype == "bfloat16" and mixed.output.dtype == tf.float32
+    twin = models.build("vgg-s")
+    save_float32(mixed, twin, tmp_path / "f32.h5")
+    loaded = keras.models.load_model(tmp_path / "f32.h5", compile=False)
+    x = synth_faces(3, 2)[0][..., None].astype(np.float32) / 255.0
+    p_mixed, p_loaded = mixed.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    fresh = models.build("vgg-s").predict(x, verbose=0)
+    assert np.abs(p_mixed - p_loaded).max() < 0.03
+    assert np.abs(fresh - p_loaded).max() > 0.03  # a fresh initialisation would not pass the check above
+
+
 def test_blurred_training_copy_is_refused(tmp_path):
     """A blurred mirror of the training faces (as circulates for FER-2013) stops training with a clear error."""
     from training.data import check_sharpness, load_dataset

@@ -26,7 +26,7 @@ def vgg(widths=(32, 64, 128, 256), reps=(2, 2, 2, 2), dropout=0.4, n_classes=7, 
         x = L.MaxPool2D(name=f"s{s}_pool")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
     x = L.Dropout(dropout, name="drop")(x)
-    out = L.Dense(n_classes, activation="softmax", name="probs")(x)
+    out = L.Dense(n_classes, activation="softmax", dtype="float32", name="probs")(x)
     return keras.Model(inp, out, name=name)
 
 
@@ -45,7 +45,7 @@ def dsep(widths=(64, 128, 256, 512), stem=32, dropout=0.3, n_classes=7, size=48,
         x = L.MaxPool2D(name=f"s{s}_pool")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
     x = L.Dropout(dropout, name="drop")(x)
-    out = L.Dense(n_classes, activation="softmax", name="probs")(x)
+    out = L.Dense(n_classes, activation="softmax", dtype="float32", name="probs")(x)
     return keras.Model(inp, out, name=name)
 
 

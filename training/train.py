@@ -129,14 +129,26 @@ class WeightEMA:
             s.assign(tmp)
 
 
+def save_float32(model, twin, path: Path) -> None:
+    """Save ``model`` as a float32 Keras file; a mixed-precision model goes through its float32 ``twin``.
+
+    Everything downstream (QAT, PTQ, evaluation, teachers) then loads a plain float32 model, whatever
+    precision it was trained in.
+    """
+    if twin is not None:
+        twin.set_weights(model.get_weights())
+        model = twin
+    model.save(path, include_optimizer=False)
+
+
 class EpochLog(keras.callbacks.Callback):
     """One plain log line per epoch, history.csv, checkpoint for resume and best model."""
 
     def __init__(self, out: Path, ckpt: tf.train.CheckpointManager, epoch_var, patience: int,
-                 ema: WeightEMA | None = None, val=None):
+                 ema: WeightEMA | None = None, val=None, twin=None):
         super().__init__()
         self.out, self.ckpt, self.epoch_var, self.patience = out, ckpt, epoch_var, patience
-        self.ema, self.val = ema, val
+        self.ema, self.val, self.twin = ema, val, twin
         self.t0 = time.time()
         hist = out / "history.csv"
         self.best, self.best_epoch = -1.0, 0
@@ -174,7 +186,7 @@ class EpochLog(keras.callbacks.Callback):
             w.writerow(row)
         if row["val_accuracy"] > self.best:
             self.best, self.best_epoch = row["val_accuracy"], epoch + 1
-            self.model.save(self.out / "best.h5", include_optimizer=False)
+            save_float32(self.model, self.twin, self.out / "best.h5")
         if self.ema is not None:
             self.ema.swap()
         self.epoch_var.assign(epoch + 1)
@@ -219,7 +231,17 @@ def train(args) -> int:
         initial_learning_rate=args.lr / 10 if warm else args.lr, decay_steps=total - warm, alpha=0.01,
         warmup_target=args.lr if warm else None, warmup_steps=warm)
     opt = keras.optimizers.AdamW(learning_rate=sched, weight_decay=args.weight_decay)
-    model = models.build(args.arch, size=tr.x.shape[1], n_classes=len(FER_LABELS))
+    twin = None
+    if args.bf16:
+        # bfloat16 compute with float32 weights: about 1.7x faster per step on CPUs with AVX512-BF16 or AMX
+        # (measured on vgg-l, 2 Zen 4 cores); no loss scaling needed, unlike float16
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build(args.arch, size=tr.x.shape[1], n_classes=len(FER_LABELS))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if args.bf16:
+        twin = models.build(args.arch, size=tr.x.shape[1], n_classes=len(FER_LABELS))
     model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
                   metrics=["accuracy"])
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -251,7 +273,7 @@ def train(args) -> int:
         print("already trained to --epochs; nothing to do", flush=True)
         return 0
     model.fit(ds, validation_data=None if ema else vds, epochs=args.epochs, initial_epoch=start, verbose=0,
-              callbacks=[EpochLog(out, mgr, epoch_var, args.patience, ema=ema, val=vds)])
+              callbacks=[EpochLog(out, mgr, epoch_var, args.patience, ema=ema, val=vds, twin=twin)])
     print(f"done: best val_acc in {out / 'history.csv'}; model {out / 'best.h5'}", flush=True)
     return 0
 
@@ -284,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-temperature", type=float, default=2.0, help="softens the teacher's probabilities")
     p.add_argument("--allow-blurry", action="store_true",
                    help="train even if the training faces are much blurrier than the validation faces")
+    p.add_argument("--bf16", action="store_true",
+                   help="mixed bfloat16 compute, float32 weights: ~1.7x faster on CPUs with AVX512-BF16/AMX "
+                        "(slower on others); best.h5 is saved float32")
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (debugging)")
     p.add_argument("--quick", action="store_true", help="tiny net, 2 epochs unless --epochs: a smoke test in seconds")
     return p
