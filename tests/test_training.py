@@ -322,6 +322,14 @@ def test_bf16_training_saves_a_float32_model_that_resumes(folder_dataset, tmp_pa
     assert np.abs(p_mixed - p_loaded).max() < 0.03
     assert np.abs(fresh - p_loaded).max() > 0.03  # a fresh initialisation would not pass the check above
 
+    # archbench --train-step times the same step in both precisions and leaves the policy at float32
+    r = subprocess.run([sys.executable, "-m", "training.archbench", "--train-step", "--arch", "tiny"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line.split() for line in r.stdout.splitlines() if line.startswith("tiny"))
+    assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+    assert keras.mixed_precision.global_policy().name == "float32"
+
 
 def test_blurred_training_copy_is_refused(tmp_path):
     """A blurred mirror of the training faces (as circulates for FER-2013) stops training with a clear error."""

@@ -1,9 +1,11 @@
 """Per-face int8 latency of each registered architecture (the latency axis of the model card's comparison).
 
     python -m training.archbench [--arch vgg-s dsep vgg-m] [--threads 1]
+    python -m training.archbench --train-step [--arch vgg-l vgg-m]   # training cost: float32 vs --bf16
 
 Each architecture is converted untrained to full int8 (latency does not depend on the weights' values)
-and timed with LiteRT on batches of 1 and 8 faces after a warm-up.
+and timed with LiteRT on batches of 1 and 8 faces after a warm-up. --train-step instead times one
+training step (forward, backward, Adam update) on a batch of 128 in float32 and in mixed bfloat16.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 
 import numpy as np
 
-from training.tfenv import tf
+from training.tfenv import keras, tf
 from training import models
 
 
@@ -51,11 +53,48 @@ def time_model(tfl: bytes, batch: int, threads: int, iters: int = 200) -> float:
     return float(np.median(ts)) * 1000 / batch
 
 
+def train_step_seconds(arch: str, policy: str = "float32", batch: int = 128, iters: int = 10) -> float:
+    """Median seconds of one training step of ``arch`` under a Keras dtype policy (as training.train runs it)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        m = models.build(arch)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    opt = keras.optimizers.AdamW(1e-3)
+    x = tf.random.uniform((batch, 48, 48, 1), seed=0)
+    y = tf.one_hot(tf.random.uniform((batch,), 0, 7, tf.int32, seed=1), 7)
+    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, m(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, m.trainable_variables), m.trainable_variables))
+        return loss
+
+    for _ in range(3):
+        step()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step().numpy()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", nargs="+", default=["vgg-s", "dsep", "vgg-l", "vgg-m"], choices=models.ARCHS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-step", action="store_true",
+                   help="time a training step (batch 128) in float32 and mixed bfloat16 instead")
     a = p.parse_args(argv)
+    if a.train_step:
+        print(f"{'arch':8} {'float32 s/step':>15} {'bf16 s/step':>12} {'speed-up':>9}")
+        for arch in a.arch:
+            f32, b16 = train_step_seconds(arch), train_step_seconds(arch, "mixed_bfloat16")
+            print(f"{arch:8} {f32:>15.3f} {b16:>12.3f} {f32 / b16:>8.2f}x", flush=True)
+        return
     print(f"{'arch':8} {'params':>9} {'int8 KB':>8} {'ms/face b1':>11} {'ms/face b8':>11}")
     for arch in a.arch:
         tfl, n = int8_untrained(arch)
