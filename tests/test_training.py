@@ -380,7 +380,7 @@ def test_distillation_from_teachers(folder_dataset, tmp_path):
     """--distill trains towards the teachers' tempered, flip-averaged predictions; a bad teacher exits 2."""
     from training.data import load_dataset
     from training.tfenv import keras
-    from training.train import make_datasets, teacher_targets
+    from training.train import load_teachers, make_datasets, online_teacher, teacher_targets
 
     cache = ["--cache-dir", str(tmp_path / "cache")]
     base = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick", *cache]
@@ -408,6 +408,22 @@ def test_distillation_from_teachers(folder_dataset, tmp_path):
     idx = [int(np.argmin(np.abs(x / 255.0 - img[..., 0]).reshape(len(x), -1).sum(1))) for img in xb]
     onehot = np.eye(7)[splits["train"].y[idx]]
     assert np.allclose(yb, 0.75 * onehot + 0.25 * q3[idx], atol=1e-5)
+    # consistent teaching: the teacher predicts the augmented (and mixed-up) batch the student is trained on
+    teachers = load_teachers([teacher / "best.h5"], x.shape[1:3])
+    online = online_teacher(teachers, temperature=2.0)
+    ds, _ = make_datasets(splits, 16, w, 0, aug=True, mixup_alpha=0.4, soft_weight=0.3, teacher=online)
+    xb, yb, _ = next(iter(ds))
+    seen = online(xb).numpy()
+    label_part = (yb.numpy() - 0.3 * seen) / 0.7  # what is left must be the (mixed) labels: sums to 1, >= 0
+    assert np.allclose(label_part.sum(1), 1, atol=1e-4) and label_part.min() > -1e-4
+    assert np.abs(seen - online(xb[:, :, ::-1]).numpy()).max() > 1e-4  # views differ: targets follow the view
+    tz = np.log(np.clip(model.predict(xb.numpy(), verbose=0), 1e-7, 1)) / 2.0
+    assert np.allclose(seen, np.exp(tz) / np.exp(tz).sum(1, keepdims=True), atol=1e-4)
+    fast = online_teacher(teachers, temperature=2.0, bf16=True)  # a known architecture runs in bfloat16
+    assert np.abs(fast(xb).numpy() - seen).max() < 0.03
+    r = subprocess.run([*base, "--out", str(tmp_path / "sc"), "--distill", str(teacher / "best.h5"),
+                        "--distill-mode", "consistent"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "consistent" in r.stdout and "epoch 2:" in r.stdout, r.stderr[-2000:]
     # the CLI run records its teachers and trains
     r = subprocess.run([*base, "--out", str(tmp_path / "s"), "--distill", str(teacher / "best.h5")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)

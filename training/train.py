@@ -50,6 +50,21 @@ def mixup(x, y, w, alpha: float):
     return x, y, w
 
 
+def load_teachers(paths, size: tuple[int, int]) -> list:
+    """Load the --distill models, checking each takes ``size`` faces and predicts the FER-2013 classes."""
+    teachers = []
+    for path in paths:
+        try:
+            teacher = keras.models.load_model(path, compile=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"--distill {path}: cannot load teacher model: {e}") from e
+        if teacher.output_shape[-1] != len(FER_LABELS) or tuple(teacher.input_shape[1:3]) != tuple(size):
+            raise DataError(f"--distill {path}: expects {teacher.input_shape[1:3]} faces and has "
+                            f"{teacher.output_shape[-1]} outputs; needs {tuple(size)} and {len(FER_LABELS)}")
+        teachers.append(teacher)
+    return teachers
+
+
 def teacher_targets(paths, x: np.ndarray, temperature: float = 2.0, batch: int = 512) -> np.ndarray:
     """Soft targets for distillation: teacher probabilities averaged over models and mirror images, tempered.
 
@@ -59,35 +74,63 @@ def teacher_targets(paths, x: np.ndarray, temperature: float = 2.0, batch: int =
     """
     xf = x[..., None].astype(np.float32) / 255.0
     logp = np.zeros((len(x), len(FER_LABELS)), np.float64)
-    for path in paths:
-        try:
-            teacher = keras.models.load_model(path, compile=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"--distill {path}: cannot load teacher model: {e}") from e
-        if teacher.output_shape[-1] != len(FER_LABELS) or tuple(teacher.input_shape[1:3]) != x.shape[1:3]:
-            raise DataError(f"--distill {path}: expects {teacher.input_shape[1:3]} faces and has "
-                            f"{teacher.output_shape[-1]} outputs; needs {x.shape[1:3]} and {len(FER_LABELS)}")
+    teachers = load_teachers(paths, x.shape[1:3])
+    for teacher in teachers:
         for view in (xf, xf[:, :, ::-1]):
             logp += np.log(np.clip(teacher.predict(view, batch_size=batch, verbose=0), 1e-7, 1.0))
-    logp /= 2 * len(paths)
+    logp /= 2 * len(teachers)
     z = logp / temperature
     p = np.exp(z - z.max(1, keepdims=True))
     return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
+def online_teacher(teachers, temperature: float = 2.0, bf16: bool = False):
+    """A function from an augmented batch to its distillation targets ("consistent" teaching).
+
+    The teachers see exactly the view the student is trained on (crop, rotation, erasing, mixup), so the
+    student matches their function on every view instead of memorising one target per face, which is
+    what makes fixed targets overfit on long schedules (Beyer et al. 2022, "Knowledge distillation: a good
+    teacher is patient and consistent"). Costs one teacher forward pass per step; with ``bf16`` the
+    teachers whose architecture is known run in bfloat16 as well.
+    """
+    run = []
+    for t in teachers:
+        arch = t.name.replace("_", "-")
+        if bf16 and arch in models.ARCHS:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            try:
+                fast = models.build(arch, size=t.input_shape[1], n_classes=t.output_shape[-1])
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+            fast.set_weights(t.get_weights())
+            t = fast
+        run.append(t)
+
+    def targets(x):
+        logp = tf.add_n([tf.math.log(tf.clip_by_value(tf.cast(t(x, training=False), tf.float32), 1e-7, 1.0))
+                         for t in run]) / len(run)
+        return tf.nn.softmax(logp / temperature)
+
+    return targets
+
+
 def make_datasets(splits, batch, weights, seed, aug=True, mixup_alpha: float = 0.0, soft=None,
-                  soft_weight: float = 0.0):
+                  soft_weight: float = 0.0, teacher=None):
     """tf.data pipelines: shuffled, augmented, class-weighted training set and a plain validation set.
 
-    ``soft`` (N, classes) are distillation targets blended into the one-hot labels with ``soft_weight``.
+    ``soft`` (N, classes) are distillation targets blended into the one-hot labels with ``soft_weight``;
+    ``teacher`` (from `online_teacher`) instead computes them on each augmented batch.
     """
     n = len(FER_LABELS)
     tr, va = splits["train"], splits["val"]
     xtr = tr.x[..., None]
     ytr = tr.y
     sw = weights[ytr]
+    online = teacher is not None and soft_weight > 0
     if soft is None:
-        soft, soft_weight = np.zeros((len(ytr), n), np.float32), 0.0
+        soft = np.zeros((len(ytr), n), np.float32)
+        if not online:
+            soft_weight = 0.0
     ds = tf.data.Dataset.from_tensor_slices((xtr, ytr, sw, soft))
     ds = ds.shuffle(len(ytr), seed=seed, reshuffle_each_iteration=True).batch(batch, drop_remainder=True)
 
@@ -95,9 +138,11 @@ def make_datasets(splits, batch, weights, seed, aug=True, mixup_alpha: float = 0
         x = tf.cast(x, tf.float32) / 255.0
         if aug:
             x = augment.augment_batch(x)
-        y = (1.0 - soft_weight) * tf.one_hot(y, n) + soft_weight * q
+        y = tf.one_hot(y, n) if online else (1.0 - soft_weight) * tf.one_hot(y, n) + soft_weight * q
         if mixup_alpha > 0:
             x, y, w = mixup(x, y, w, mixup_alpha)
+        if online:
+            y = (1.0 - soft_weight) * y + soft_weight * teacher(x)
         return x, y, w
 
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
@@ -216,14 +261,19 @@ def train(args) -> int:
     if sharp:
         print(f"sharpness (median Laplacian variance): train {sharp['train']:.0f}, val {sharp['val']:.0f}", flush=True)
     weights = class_weights(tr.y, len(FER_LABELS), args.class_weight_power)
-    soft = None
-    if args.distill:
+    soft = teacher = None
+    if args.distill and args.distill_mode == "consistent":
+        teacher = online_teacher(load_teachers(args.distill, tr.x.shape[1:3]), args.distill_temperature,
+                                 bf16=args.bf16)
+        print(f"distilling from {len(args.distill)} teacher(s), weight {args.distill_weight}, "
+              f"T {args.distill_temperature}, consistent: the teachers see every augmented batch", flush=True)
+    elif args.distill:
         soft = teacher_targets(args.distill, tr.x, args.distill_temperature)
         agree = float((soft.argmax(1) == tr.y).mean())
         print(f"distilling from {len(args.distill)} teacher(s), weight {args.distill_weight}, "
               f"T {args.distill_temperature}: teacher agrees with {agree:.1%} of training labels", flush=True)
     ds, vds = make_datasets(splits, args.batch, weights, args.seed, aug=not args.no_aug, mixup_alpha=args.mixup,
-                            soft=soft, soft_weight=args.distill_weight)
+                            soft=soft, soft_weight=args.distill_weight, teacher=teacher)
     steps = len(tr.y) // args.batch
     total = max(1, steps * args.epochs)
     warm = min(steps * args.warmup_epochs, total // 4)
@@ -304,6 +354,10 @@ def parser() -> argparse.ArgumentParser:
                    help="teacher model(s) (best.h5 of earlier runs): train towards their averaged soft predictions")
     p.add_argument("--distill-weight", type=float, default=0.5, help="share of the teacher in the target (0-1)")
     p.add_argument("--distill-temperature", type=float, default=2.0, help="softens the teacher's probabilities")
+    p.add_argument("--distill-mode", choices=("fixed", "consistent"), default="fixed",
+                   help="fixed: targets computed once on each face and its mirror (no cost per epoch); "
+                        "consistent: the teachers predict every augmented batch the student sees (one teacher "
+                        "forward pass per step; resists overfitting on long schedules)")
     p.add_argument("--allow-blurry", action="store_true",
                    help="train even if the training faces are much blurrier than the validation faces")
     p.add_argument("--bf16", action="store_true",
