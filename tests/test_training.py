@@ -448,3 +448,51 @@ def test_distillation_from_teachers(folder_dataset, tmp_path):
         r = subprocess.run([*base, "--out", str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+
+def test_released_bundle_teaches_and_bad_bundles_exit_2(folder_dataset, tmp_path):
+    """A shipped .tflite bundle is a teacher (its folded calibration undone); mismatched bundles are refused."""
+    from edge.classify import DEFAULT_MODEL, load_classifier
+    from training.train import bundle_teacher, teacher_targets
+
+    x = load_dataset(folder_dataset, cache_dir=None)["train"].x
+    clf = load_classifier(DEFAULT_MODEL)
+    t = float((clf.manifest.get("calibration") or {}).get("temperature") or 1.0)
+
+    def expected(p):
+        p = np.clip(p.astype(np.float64), 1e-7, 1) ** t
+        return p / p.sum(1, keepdims=True)
+
+    p, pf = expected(clf.predict(x)), expected(clf.predict(x[:, :, ::-1]))
+    q1 = teacher_targets([DEFAULT_MODEL], x, temperature=1.0)
+    want = np.sqrt(p * pf)
+    assert np.allclose(q1, want / want.sum(1, keepdims=True), atol=1e-4)
+    # an uncalibrated copy of the same network gives its raw outputs: no temperature to undo
+    plain = tmp_path / "plain" / "m.tflite"
+    plain.parent.mkdir()
+    plain.write_bytes(DEFAULT_MODEL.read_bytes())
+    man = dict(clf.manifest)
+    man.pop("calibration", None)
+    (plain.parent / "m.json").write_text(json.dumps(man))
+    assert np.allclose(bundle_teacher(plain, (48, 48))(x), clf.predict(x), atol=1e-6)
+    if t != 1.0:  # the shipped bundle is calibrated: as a teacher it is measurably rescaled
+        assert np.abs(bundle_teacher(DEFAULT_MODEL, (48, 48))(x) - clf.predict(x)).max() > 1e-3
+    # a bundle with other labels cannot teach FER-2013; consistent teaching needs Keras teachers
+    swapped = tmp_path / "swapped" / "m.tflite"
+    swapped.parent.mkdir()
+    swapped.write_bytes(DEFAULT_MODEL.read_bytes())
+    man["labels"] = [*man["labels"][1:], man["labels"][0]]
+    (swapped.parent / "m.json").write_text(json.dumps(man))
+    with pytest.raises(DataError, match="m.tflite"):
+        teacher_targets([swapped], x)
+    base = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick",
+            "--cache-dir", str(tmp_path / "cache")]
+    for extra, msg in (([str(swapped)], "predicts"), ([str(tmp_path / "gone.tflite")], "gone.tflite"),
+                       ([str(DEFAULT_MODEL), "--distill-mode", "consistent"], "consistent")):
+        r = subprocess.run([*base, "--out", str(tmp_path / "bad"), "--distill", *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    # the CLI trains a student of the released bundle
+    r = subprocess.run([*base, "--out", str(tmp_path / "s"), "--distill", str(DEFAULT_MODEL)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "distilling from 1 teacher" in r.stdout and "epoch 2:" in r.stdout, r.stderr[-2000:]

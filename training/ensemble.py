@@ -1,4 +1,4 @@
-"""Validation accuracy of float models as a distillation teacher: what `training.train --distill` would learn from.
+"""Validation accuracy of models as a distillation teacher: what `training.train --distill` would learn from.
 
     python -m training.ensemble --data ../shared/data/fer2013 runs/vgg-s2/best.h5 runs/vgg-lkd/best.h5
 
@@ -18,7 +18,7 @@ from training.train import teacher_targets
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="+", help="Keras .h5 files (best.h5 of training runs)")
+    p.add_argument("models", nargs="+", help="Keras .h5 files (best.h5 of training runs) or .tflite bundles")
     p.add_argument("--data", required=True)
     p.add_argument("--cache-dir", default=".cache/fer-data", help="decoded-dataset cache (as training.train)")
     a = p.parse_args(argv)

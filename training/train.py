@@ -65,20 +65,52 @@ def load_teachers(paths, size: tuple[int, int]) -> list:
     return teachers
 
 
+def bundle_teacher(path, size: tuple[int, int]):
+    """A model bundle (``.tflite`` + manifest, e.g. a shipped release) as a teacher: uint8 faces -> probabilities.
+
+    Runs through the daemon's own classifier, so any released bundle (``git show`` an old version) can teach
+    without its training checkpoint. A calibration temperature folded into the bundle is undone (p ** T,
+    renormalised), so its targets have the scale of the network's own logits, like a Keras teacher's.
+    """
+    from edge.classify import ModelError, load_classifier
+
+    try:
+        clf = load_classifier(path)
+    except ModelError as e:
+        raise DataError(f"--distill {path}: cannot load teacher bundle: {e}") from e
+    if clf.labels != list(FER_LABELS) or (clf.input_size, clf.input_size) != tuple(size):
+        raise DataError(f"--distill {path}: predicts {clf.labels} on {clf.input_size}px faces; needs "
+                        f"{list(FER_LABELS)} on {tuple(size)} faces")
+    t = float((clf.manifest.get("calibration") or {}).get("temperature") or 1.0)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        p = np.concatenate([clf.predict(x[i : i + 1024]) for i in range(0, len(x), 1024)]).astype(np.float64)
+        if t != 1.0:
+            p = np.clip(p, 1e-7, 1.0) ** t
+            p /= p.sum(1, keepdims=True)
+        return p
+
+    return predict
+
+
 def teacher_targets(paths, x: np.ndarray, temperature: float = 2.0, batch: int = 512) -> np.ndarray:
     """Soft targets for distillation: teacher probabilities averaged over models and mirror images, tempered.
 
-    ``x`` holds uint8 faces (N, H, W). Tempering p**(1/T), renormalised, equals softmax(logits / T): it
+    ``x`` holds uint8 faces (N, H, W); a teacher is a Keras model (``best.h5``) or a model bundle
+    (``.tflite``, see ``bundle_teacher``). Tempering p**(1/T), renormalised, equals softmax(logits / T): it
     spreads the teacher's "dark knowledge" (which wrong classes look alike) over the runner-up classes.
     Computed once on the un-augmented faces, so distillation costs no time per epoch.
     """
-    xf = x[..., None].astype(np.float32) / 255.0
+    keras_paths = [p for p in paths if not str(p).endswith(".tflite")]
+    run = [bundle_teacher(p, x.shape[1:3]) for p in paths if str(p).endswith(".tflite")]
+    for teacher in load_teachers(keras_paths, x.shape[1:3]):
+        run.append(lambda v, t=teacher: t.predict(v[..., None].astype(np.float32) / 255.0, batch_size=batch,
+                                                  verbose=0))
     logp = np.zeros((len(x), len(FER_LABELS)), np.float64)
-    teachers = load_teachers(paths, x.shape[1:3])
-    for teacher in teachers:
-        for view in (xf, xf[:, :, ::-1]):
-            logp += np.log(np.clip(teacher.predict(view, batch_size=batch, verbose=0), 1e-7, 1.0))
-    logp /= 2 * len(teachers)
+    for predict in run:
+        for view in (x, np.ascontiguousarray(x[:, :, ::-1])):
+            logp += np.log(np.clip(predict(view), 1e-7, 1.0))
+    logp /= 2 * len(run)
     z = logp / temperature
     p = np.exp(z - z.max(1, keepdims=True))
     return (p / p.sum(1, keepdims=True)).astype(np.float32)
@@ -263,6 +295,9 @@ def train(args) -> int:
     weights = class_weights(tr.y, len(FER_LABELS), args.class_weight_power)
     soft = teacher = None
     if args.distill and args.distill_mode == "consistent":
+        if any(str(p).endswith(".tflite") for p in args.distill):
+            raise DataError("--distill-mode consistent needs Keras teachers (best.h5); a .tflite bundle teaches "
+                            "only with fixed targets")
         teacher = online_teacher(load_teachers(args.distill, tr.x.shape[1:3]), args.distill_temperature,
                                  bf16=args.bf16)
         print(f"distilling from {len(args.distill)} teacher(s), weight {args.distill_weight}, "
@@ -350,8 +385,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-aug", action="store_true")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                    help="mixup with lambda ~ Beta(ALPHA, ALPHA), e.g. 0.2 (0 = off): regularises larger nets")
-    p.add_argument("--distill", nargs="+", metavar="MODEL.h5",
-                   help="teacher model(s) (best.h5 of earlier runs): train towards their averaged soft predictions")
+    p.add_argument("--distill", nargs="+", metavar="MODEL",
+                   help="teacher model(s): best.h5 of earlier runs or released .tflite bundles (with their .json "
+                        "manifest); train towards their averaged soft predictions")
     p.add_argument("--distill-weight", type=float, default=0.5, help="share of the teacher in the target (0-1)")
     p.add_argument("--distill-temperature", type=float, default=2.0, help="softens the teacher's probabilities")
     p.add_argument("--distill-mode", choices=("fixed", "consistent"), default="fixed",
