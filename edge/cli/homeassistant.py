@@ -10,7 +10,7 @@ import sys
 
 def register(sub) -> None:
     """Add the homeassistant sub-command."""
-    from edge.cli import add_config_args
+    from edge.cli.common import add_config_args
 
     p = sub.add_parser(
         "homeassistant", help="Home Assistant MQTT discovery: show the configs, or remove the device",

@@ -10,7 +10,7 @@ import sys
 
 def register(sub) -> None:
     """Add the snapshot sub-command."""
-    from edge.cli import add_config_args
+    from edge.cli.common import add_config_args
 
     p = sub.add_parser(
         "snapshot", help="write one annotated frame (face boxes, emotions) to check the camera's aim",
