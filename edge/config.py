@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import socket
+import stat
 import tomllib
 import types
 import typing
@@ -34,6 +36,9 @@ DEFAULT_CONFIG_PATHS = ("/etc/fer-edge/config.toml",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # MQTT topic levels must not contain these; the device id becomes one topic level.
 _BAD_ID_CHARS = re.compile(r"[/+#\s\x00]")
+# A real config is a few KiB (config/default.toml, every key with comments, is under 20 KiB); anything much
+# larger is a mistake (or /dev/zero) and must not be read into memory.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(Exception):
@@ -79,20 +84,22 @@ class ServiceConfig:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level: must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})")
         self.log_level = self.log_level.upper()
-        if self.log_stats_interval_s < 0:
-            raise ValueError(f"log_stats_interval_s: must be >= 0 (got {self.log_stats_interval_s})")
+        if not 0 <= self.log_stats_interval_s <= 86_400:
+            raise ValueError(f"log_stats_interval_s: must be 0..86400 s (got {self.log_stats_interval_s}; 0 = never)")
         if not 10 <= self.latency_window <= 100_000:
             raise ValueError(f"latency_window: must be 10..100000 (got {self.latency_window})")
         if not 0.01 <= self.read_timeout_s <= 10:
             raise ValueError(f"read_timeout_s: must be 0.01..10 (got {self.read_timeout_s})")
-        if self.error_log_interval_s < 0:
-            raise ValueError(f"error_log_interval_s: must be >= 0 (got {self.error_log_interval_s})")
-        if self.shutdown_timeout_s < 0:
-            raise ValueError(f"shutdown_timeout_s: must be >= 0 (got {self.shutdown_timeout_s})")
-        if self.max_frames < 0:
-            raise ValueError(f"max_frames: must be >= 0 (got {self.max_frames})")
-        if self.duration_s < 0:
-            raise ValueError(f"duration_s: must be >= 0 (got {self.duration_s})")
+        if not 0 <= self.error_log_interval_s <= 86_400:
+            raise ValueError(f"error_log_interval_s: must be 0..86400 s (got {self.error_log_interval_s})")
+        # The shipped unit's TimeoutStopSec is 30 s: a longer flush is cut short by SIGKILL there.
+        if not 0 <= self.shutdown_timeout_s <= 300:
+            raise ValueError(f"shutdown_timeout_s: must be 0..300 s (got {self.shutdown_timeout_s}); keep it below "
+                             "the unit's TimeoutStopSec (30 s)")
+        if not 0 <= self.max_frames <= 1_000_000_000:
+            raise ValueError(f"max_frames: must be 0..1000000000 (got {self.max_frames}; 0 = no limit)")
+        if not 0 <= self.duration_s <= 315_360_000:
+            raise ValueError(f"duration_s: must be 0..315360000 s, ten years (got {self.duration_s}; 0 = no limit)")
 
 
 # Section name -> dataclass, in the order they appear in the TOML file.
@@ -193,16 +200,41 @@ def parse_set_option(item: str) -> tuple[str, str]:
 _MISSING = object()
 
 
-def _merge_file(layers: dict[str, dict[str, Any]], path: str) -> None:
-    p = Path(path)
+def _read_config_file(path: str) -> str:
+    """The file's text, refusing anything but a regular file of at most MAX_CONFIG_BYTES before reading it."""
+    def check(st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(str(path), "is a directory, expected a TOML file")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                    else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "not a file")
+            raise ConfigError(str(path), f"is {kind}, not a regular file; point -c at a TOML file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(str(path), f"too large ({st.st_size} bytes, at most {MAX_CONFIG_BYTES >> 20} MiB); "
+                                         "is this really the config file?")
+
     try:
-        text = p.read_bytes().decode("utf-8")
+        check(os.stat(path))  # before open(): opening a FIFO blocks, reading /dev/zero never ends
+        # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open() still returns at once.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as fh:
+            check(os.fstat(fh.fileno()))
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(str(path), "config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(str(path), "is a directory, expected a TOML file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ConfigError(str(path), f"cannot read config file: {e}") from None
+    if len(data) > MAX_CONFIG_BYTES:  # grew after the check
+        raise ConfigError(str(path), f"too large (over {MAX_CONFIG_BYTES >> 20} MiB); is this really the config file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"cannot read config file: not UTF-8 text ({e})") from None
+
+
+def _merge_file(layers: dict[str, dict[str, Any]], path: str) -> None:
+    text = _read_config_file(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -346,14 +378,21 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             return value
         raise ConfigError(key, f"must be an integer {got}")
     if tp is float:
+        number = None
         if raw:
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, f"must be a number {got}")
+            number = float(value)
+        if number is None:
+            raise ConfigError(key, f"must be a number {got}")
+        # Every float key is a time, rate, size or fraction: NaN slips through every "< 0" check in validate()
+        # (e.g. a NaN reconnect delay became a busy loop) and inf means nothing, so refuse both for all keys here.
+        if not math.isfinite(number):
+            raise ConfigError(key, f"must be a finite number {got}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return str(value)

@@ -48,16 +48,16 @@ class DetectConfig:
         if self.backend == "yunet" and not self.model_path:
             raise ValueError("model_path: required for backend 'yunet'; download face_detection_yunet_2023mar.onnx "
                              "from the OpenCV Zoo and set its path")
-        if self.detect_width != 0 and self.detect_width < 64:
-            raise ValueError(f"detect_width: {self.detect_width} is too small; use 0 (full resolution) or >= 64")
-        if self.min_face < 1:
-            raise ValueError(f"min_face: {self.min_face} must be >= 1 pixel")
-        if self.max_faces < 1:
-            raise ValueError(f"max_faces: {self.max_faces} must be >= 1")
+        if self.detect_width != 0 and not 64 <= self.detect_width <= 8192:
+            raise ValueError(f"detect_width: {self.detect_width} out of range; use 0 (full resolution) or 64..8192")
+        if not 1 <= self.min_face <= 8192:
+            raise ValueError(f"min_face: {self.min_face} must be 1..8192 pixels")
+        if not 1 <= self.max_faces <= 1000:
+            raise ValueError(f"max_faces: {self.max_faces} must be 1..1000")
         if not 0.0 < self.score_threshold < 1.0:
             raise ValueError(f"score_threshold: {self.score_threshold} must be between 0 and 1 (exclusive)")
-        if self.every_n < 1:
-            raise ValueError(f"every_n: {self.every_n} must be >= 1 (1 = detect on every frame)")
+        if not 1 <= self.every_n <= 1000:
+            raise ValueError(f"every_n: {self.every_n} must be 1..1000 (1 = detect on every frame)")
 
 
 @dataclass

@@ -57,8 +57,8 @@ class HomeAssistantConfig:
         if self.node_id and _ID_CHARS.search(self.node_id):
             raise ValueError(f"node_id: {self.node_id!r} may only contain letters, digits, '-' and '_' "
                              "(or leave it empty for fer-edge-<device id>)")
-        if self.state_interval_s < 0:
-            raise ValueError(f"state_interval_s: {self.state_interval_s} must be >= 0 (0 = no rate limit)")
+        if not 0 <= self.state_interval_s <= 3600:
+            raise ValueError(f"state_interval_s: {self.state_interval_s} must be 0..3600 s (0 = no rate limit)")
 
 
 def node_id(cfg: HomeAssistantConfig, device_id: str) -> str:

@@ -73,17 +73,19 @@ class MqttConfig:
             raise ValueError(f"protocol: {self.protocol!r} is not supported; use \"3.1.1\" or \"5\"")
         if self.qos not in (0, 1, 2):
             raise ValueError(f"qos: {self.qos} is not an MQTT QoS; use 0, 1 (default, at-least-once) or 2")
-        if self.buffer_size < 1:
-            raise ValueError(f"buffer_size: {self.buffer_size} must be at least 1")
+        # About 1 KB of memory per buffered event: a million is already 1 GB, more than a Pi should spend.
+        if not 1 <= self.buffer_size <= 1_000_000:
+            raise ValueError(f"buffer_size: {self.buffer_size} out of range; use 1..1000000 events (default 10000)")
         if not 5 <= self.keepalive <= 65535:
             raise ValueError(f"keepalive: {self.keepalive} s out of range; use 5..65535 (default 30)")
-        if self.reconnect_min_s <= 0:
-            raise ValueError(f"reconnect_min_s: {self.reconnect_min_s} must be > 0")
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError(f"reconnect_max_s: {self.reconnect_max_s} must be >= reconnect_min_s "
-                             f"({self.reconnect_min_s})")
-        if self.stats_interval_s < 0:
-            raise ValueError(f"stats_interval_s: {self.stats_interval_s} must be >= 0 (0 = no stats)")
+        # Below 0.1 s a refused connection becomes a busy loop that also hammers the broker.
+        if not 0.1 <= self.reconnect_min_s <= 3600:
+            raise ValueError(f"reconnect_min_s: {self.reconnect_min_s} s out of range; use 0.1..3600 (default 1)")
+        if not self.reconnect_min_s <= self.reconnect_max_s <= 3600:
+            raise ValueError(f"reconnect_max_s: {self.reconnect_max_s} s out of range; use reconnect_min_s "
+                             f"({self.reconnect_min_s})..3600 (default 60)")
+        if not 0 <= self.stats_interval_s <= 86_400:
+            raise ValueError(f"stats_interval_s: {self.stats_interval_s} s out of range; use 0..86400 (0 = no stats)")
         if self.password and not self.username:
             raise ValueError("password: set but username is empty; set username too")
         for name in ("ca_file", "cert_file", "key_file"):

@@ -71,19 +71,26 @@ class SourceConfig:
             raise ValueError(f"uri: required for kind {self.kind!r}; set it to {what}")
         if self.kind == "picamera2" and self.uri and not self.uri.isdigit():
             raise ValueError(f"uri: {self.uri!r} for picamera2 must be a camera number such as 0 (or empty)")
-        if self.width < 16 or self.height < 16:
+        if self.width < 16:
             raise ValueError(f"width: {self.width}x{self.height} is too small; use at least 16x16")
-        if self.fps < 0:
-            raise ValueError(f"fps: {self.fps} must be >= 0 (0 = native)")
+        if self.height < 16:
+            raise ValueError(f"height: {self.width}x{self.height} is too small; use at least 16x16")
+        # 8192 covers every Pi camera (HQ: 4056x3040) and 8K; beyond that a request is a typo, not a mode.
+        if self.width > 8192:
+            raise ValueError(f"width: {self.width} is too large; use 16..8192")
+        if self.height > 8192:
+            raise ValueError(f"height: {self.height} is too large; use 16..8192")
+        if not 0 <= self.fps <= 1000:
+            raise ValueError(f"fps: {self.fps} must be 0..1000 (0 = native)")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate: {self.rotate} must be one of 0, 90, 180, 270")
         if self.flip not in FLIPS:
             raise ValueError(f"flip: {self.flip!r} must be one of {', '.join(FLIPS)}")
-        if self.reconnect_min_s <= 0:
-            raise ValueError(f"reconnect_min_s: {self.reconnect_min_s} must be > 0")
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError(f"reconnect_max_s: {self.reconnect_max_s} must be >= reconnect_min_s "
-                             f"({self.reconnect_min_s})")
+        if not 0.01 <= self.reconnect_min_s <= 3600:
+            raise ValueError(f"reconnect_min_s: {self.reconnect_min_s} must be 0.01..3600 s")
+        if not self.reconnect_min_s <= self.reconnect_max_s <= 3600:
+            raise ValueError(f"reconnect_max_s: {self.reconnect_max_s} must be reconnect_min_s "
+                             f"({self.reconnect_min_s})..3600 s")
 
 
 @dataclass

@@ -34,16 +34,16 @@ class TrackConfig:
         """Raise ValueError("<field>: ...") for values the tracker cannot work with."""
         if not 0.0 < self.iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold: {self.iou_threshold} must be in (0, 1] (default 0.3)")
-        if self.min_hits < 1:
-            raise ValueError(f"min_hits: {self.min_hits} must be >= 1 (1 = report faces on first sight)")
-        if self.max_missed_s <= 0:
-            raise ValueError(f"max_missed_s: {self.max_missed_s} must be > 0 seconds (default 1.0)")
+        if not 1 <= self.min_hits <= 1000:
+            raise ValueError(f"min_hits: {self.min_hits} must be 1..1000 (1 = report faces on first sight)")
+        if not 0 < self.max_missed_s <= 3600:
+            raise ValueError(f"max_missed_s: {self.max_missed_s} must be in (0, 3600] seconds (default 1.0)")
         if not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f"smoothing: {self.smoothing} must be in [0, 1) (0 = no smoothing)")
-        if self.update_interval_s < 0:
-            raise ValueError(f"update_interval_s: {self.update_interval_s} must be >= 0 (0 = only on change)")
-        if self.min_update_gap_s < 0:
-            raise ValueError(f"min_update_gap_s: {self.min_update_gap_s} must be >= 0")
+        if not 0 <= self.update_interval_s <= 86_400:
+            raise ValueError(f"update_interval_s: {self.update_interval_s} must be 0..86400 s (0 = only on change)")
+        if not 0 <= self.min_update_gap_s <= 3600:
+            raise ValueError(f"min_update_gap_s: {self.min_update_gap_s} must be 0..3600 s")
 
 
 @dataclass

@@ -245,3 +245,94 @@ def test_cli_usage_error_exit_2(capsys):
     assert main(["run", "--no-such-flag"]) == 2
     assert main([]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+# --- hostile values: every number finite and bounded, the file itself bounded ----------------------------------
+
+def _numeric_keys(kind: type, *, skip_sections: tuple[str, ...] = ()) -> list[str]:
+    from edge.config import _hints
+
+    return [f"{name}.{key}" for name, cls in SECTIONS.items() if name not in skip_sections
+            for key, tp in _hints(cls).items() if tp is kind]
+
+
+FLOAT_KEYS = _numeric_keys(float)
+# [update] bounds belong to the update path (tests/test_model_update.py); non-finite values are refused for it too,
+# centrally, by the loader.
+BOUNDED_FLOAT_KEYS = _numeric_keys(float, skip_sections=("update",))
+BOUNDED_INT_KEYS = _numeric_keys(int, skip_sections=("update",))
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e999", "-NaN"])
+def test_non_finite_floats_are_refused_for_every_float_key(key, raw):
+    err = raises_key(key, None, {key: raw}, env={})
+    assert "finite" in err.msg, err.msg
+
+
+@pytest.mark.parametrize("toml_value", ["nan", "inf", "-inf", "+nan"])
+def test_non_finite_floats_in_the_file_are_refused(tmp_path, toml_value):
+    for key in FLOAT_KEYS:
+        section, name = key.split(".")
+        err = raises_key(key, write(tmp_path, f"[{section}]\n{name} = {toml_value}\n"), env={})
+        assert "finite" in err.msg, err.msg
+
+
+@pytest.mark.parametrize("key", BOUNDED_FLOAT_KEYS + BOUNDED_INT_KEYS)
+@pytest.mark.parametrize("raw", ["1e12", "-1e12"])
+def test_every_number_has_a_lower_and_an_upper_bound(key, raw):
+    if key in BOUNDED_INT_KEYS:
+        raw = str(int(float(raw)))
+    err = raises_key(key, None, {key: raw}, env={})
+    assert any(ch.isdigit() for ch in err.msg), f"the message should state the range: {err.msg}"
+
+
+@pytest.mark.parametrize("key,raw", [
+    ("source.width", "100000000"), ("source.height", "100000000"), ("source.fps", "100000"),
+    ("mqtt.reconnect_min_s", "0.000001"), ("mqtt.reconnect_max_s", "1e9"), ("mqtt.buffer_size", "1000000000"),
+    ("track.max_missed_s", "1e9"), ("service.shutdown_timeout_s", "1e9"), ("detect.detect_width", "100000000"),
+    ("detect.max_faces", "1000000"), ("source.reconnect_min_s", "0.0000001"),
+])
+def test_values_from_the_fault_run_are_refused(key, raw):
+    raises_key(key, None, {key: raw}, env={})
+
+
+def test_documented_ranges_still_accept_ordinary_values():
+    cfg = load_config(None, {"source.width": "4056", "source.height": "3040", "source.fps": "120",
+                             "mqtt.reconnect_min_s": "0.1", "mqtt.reconnect_max_s": "600",
+                             "service.shutdown_timeout_s": "25", "track.max_missed_s": "30",
+                             "mqtt.buffer_size": "100000", "service.duration_s": "86400"}, env={})
+    assert (cfg.source.width, cfg.source.height, cfg.source.fps) == (4056, 3040, 120.0)
+
+
+def _check_in_subprocess(path: str) -> subprocess.CompletedProcess:
+    # A subprocess with a memory cap: the old loader read /dev/zero until memory ran out, and blocked on a FIFO.
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+            "from edge.config import load_config, ConfigError\n"
+            "try:\n    load_config(sys.argv[1], env={})\nexcept ConfigError as e:\n"
+            "    print(e)\n    sys.exit(2)\n")
+    return subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, capture_output=True, text=True, timeout=20)
+
+
+def test_config_from_dev_zero_fails_fast_with_one_line():
+    r = _check_in_subprocess("/dev/zero")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("/dev/zero: ") and "regular file" in r.stdout, r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1
+
+
+def test_config_fifo_does_not_block(tmp_path):
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    r = _check_in_subprocess(str(fifo))  # old code: blocks in open() until the 20 s timeout
+    assert r.returncode == 2 and "regular file" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+def test_config_directory_and_oversized_file(tmp_path):
+    err = raises_key(str(tmp_path), str(tmp_path), env={})
+    assert "directory" in err.msg
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 200_000)  # 2 MB of comments
+    err = raises_key(str(big), str(big), env={})
+    assert "too large" in err.msg and "MiB" in err.msg
