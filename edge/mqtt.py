@@ -3,11 +3,19 @@
 Topics: <prefix>/<device_id>/faces (events, QoS cfg.qos), .../status (retained "online"/"offline", "offline" also as
 Last Will), .../stats (best-effort JSON published by the service).
 
-Events go into a bounded in-memory outbox (oldest dropped and counted when full). A sender thread hands them to paho
-in order, at most _WINDOW at a time, only while connected, and removes each one only when paho reports it published
-(PUBACK for QoS 1). Events already handed to paho when the connection drops are retransmitted by paho right after
-the reconnect; new ones wait until those are acknowledged so the broker sees them in order. Duplicates are possible
-(at-least-once), losses are not unless the outbox overflows or the process exits with events unsent.
+Events go into a bounded in-memory outbox. A sender thread hands them to paho in order, at most _WINDOW at a time,
+only while connected, and removes each one only when paho reports it published (PUBACK for QoS 1). Events already
+handed to paho when the connection drops are retransmitted by paho right after the reconnect; new ones wait until
+those are acknowledged so the broker sees them in order. Duplicates are possible (at-least-once), losses are not
+unless the outbox overflows or the process exits with events unsent.
+
+A full outbox gives up events in this order, so that what is delivered stays a consistent story per face:
+1. the oldest queued ``update`` (they are periodic snapshots; a later one or the ``end`` summary supersedes them);
+2. else the oldest face whose ``new`` is still queued, with every queued event of that face; if that face has not
+   ended yet, its later events are dropped as they come (a consumer never sees an update or end without its new);
+3. else (only ``end`` events of faces whose ``new`` was already sent are queued) the oldest of those, logged as an
+   error: the one case where a consumer sees a new without its end.
+Every dropped event is counted, by type.
 """
 
 from __future__ import annotations
@@ -100,11 +108,16 @@ class MqttConfig:
             raise ValueError("tls_insecure: set but tls = false; set tls = true or tls_insecure = false")
 
 
-class _Entry:
-    __slots__ = ("payload", "gen", "mid", "acked")
+_KINDS = ("new", "update", "end")
 
-    def __init__(self, payload: bytes) -> None:
+
+class _Entry:
+    __slots__ = ("payload", "kind", "face", "gen", "mid", "acked")
+
+    def __init__(self, payload: bytes, kind: Optional[str] = None, face: Optional[str] = None) -> None:
         self.payload = payload
+        self.kind = kind  # "new" | "update" | "end", or None for other payloads (dropped like updates)
+        self.face = face
         self.gen = -1  # connection generation it was handed to paho in
         self.mid: Optional[int] = None
         self.acked = False
@@ -136,6 +149,11 @@ class MqttPublisher:
         self._closed = False
         self._sent = 0
         self._dropped = 0
+        self._dropped_by_type: collections.Counter = collections.Counter()
+        self._suppressed: set[str] = set()  # faces whose new was dropped: their later events are dropped too
+        # What _pending holds, by kind and by face, so a full outbox finds its victim without scanning it all.
+        self._queued_kinds: collections.Counter = collections.Counter()
+        self._queued_faces: collections.Counter = collections.Counter()
         self._reconnects = 0
         self._fail_streak = 0
         self._last_fail_warn = 0.0
@@ -168,7 +186,7 @@ class MqttPublisher:
         self._sender.start()
 
     def publish_event(self, payload: dict) -> None:
-        """Queue one event for ordered at-least-once delivery; never blocks. Full outbox: the oldest is dropped."""
+        """Queue one event for ordered at-least-once delivery; never blocks. Full outbox: see the module docstring."""
         if self._client is None:
             return
         try:
@@ -176,21 +194,28 @@ class MqttPublisher:
         except (TypeError, ValueError) as exc:
             log.error("MQTT event skipped: not JSON-serializable (%s)", exc)
             return
+        kind = payload.get("type") if payload.get("type") in _KINDS else None
+        face = payload.get("face_id") if kind is not None and isinstance(payload.get("face_id"), str) else None
+        entry = _Entry(data, kind, face)
         with self._cond:
             if self._closed:
-                self._dropped += 1
-                log.debug("MQTT event dropped: publisher already stopped")
+                self._drop(entry, "publisher already stopped")
                 return
-            if len(self._pending) >= self.cfg.buffer_size:
-                self._pending.popleft()
-                self._dropped += 1
-                now = time.monotonic()
-                if self._dropped == 1 or now - self._last_drop_warn >= _WARN_EVERY_S:
-                    self._last_drop_warn = now
-                    log.warning("MQTT outbox full (%d events, broker unreachable?): dropping oldest events, "
-                                "%d dropped so far", self.cfg.buffer_size, self._dropped)
-            self._pending.append(_Entry(data))
+            if face is not None and face in self._suppressed:
+                if kind == "end":
+                    self._suppressed.discard(face)
+                self._drop(entry, "its face's new was dropped")
+                return
+            self._pending.append(entry)
+            self._queued(entry, 1)
+            while len(self._pending) > self.cfg.buffer_size:
+                self._evict()
             self._cond.notify_all()
+
+    def dropped_by_type(self) -> dict[str, int]:
+        """Events dropped so far by type ("new", "update", "end"; "other" for non-event payloads)."""
+        with self._cond:
+            return {k: v for k, v in self._dropped_by_type.items() if v}
 
     def publish(self, suffix: str, payload: dict | str, qos: int = 0, retain: bool = False, *,
                 full_topic: bool = False) -> bool:
@@ -280,6 +305,56 @@ class MqttPublisher:
                     "dropped": self._dropped, "sent": self._sent, "reconnects": self._reconnects}
 
     # ---- internals --------------------------------------------------------------------------------------------
+
+    def _drop(self, entry: _Entry, why: str) -> None:
+        # Called with self._cond held.
+        self._dropped += 1
+        self._dropped_by_type[entry.kind or "other"] += 1
+        log.debug("MQTT %s event of face %s dropped: %s", entry.kind or "other", entry.face, why)
+
+    def _queued(self, entry: _Entry, n: int) -> None:
+        # Called with self._cond held, n = +1 when entry enters _pending, -1 when it leaves.
+        self._queued_kinds[entry.kind if entry.kind in ("new", "end") else "update"] += n
+        if entry.face is not None:
+            self._queued_faces[entry.face] += n
+            if self._queued_faces[entry.face] <= 0:
+                del self._queued_faces[entry.face]
+
+    def _evict(self) -> None:
+        """Make room in the full outbox by the rules in the module docstring. Called with self._cond held."""
+        pending = self._pending
+        victims: list[int] = []
+        if self._queued_kinds["update"] > 0:
+            victims = [next(i for i, e in enumerate(pending) if e.kind in ("update", None))]
+        elif self._queued_kinds["new"] > 0:
+            i = next(i for i, e in enumerate(pending) if e.kind == "new")
+            face, left = pending[i].face, self._queued_faces[pending[i].face]
+            for j in range(i, len(pending)):
+                if pending[j].face == face:
+                    victims.append(j)
+                    if len(victims) == left:
+                        break
+            if not any(pending[j].kind == "end" for j in victims):
+                self._suppressed.add(face)  # still in view: the rest of it must not arrive either
+        else:
+            victims = [0]  # only ends of faces already announced are queued: one of them has to go
+        kinds = collections.Counter()
+        for i in reversed(victims):
+            e = pending[i]
+            del pending[i]
+            self._queued(e, -1)
+            self._drop(e, "outbox full")
+            kinds[e.kind or "other"] += 1
+        now = time.monotonic()
+        first_of_kind = any(self._dropped_by_type[k] == n for k, n in kinds.items())
+        if first_of_kind or now - self._last_drop_warn >= _WARN_EVERY_S:
+            self._last_drop_warn = now
+            level = logging.ERROR if kinds.get("end") and len(victims) == 1 else logging.WARNING
+            log.log(level, "MQTT outbox full (%d events, broker unreachable?): dropping %s; %d dropped so far "
+                    "(%s)%s", self.cfg.buffer_size, ", ".join(f"{n} {k}" for k, n in kinds.items()), self._dropped,
+                    ", ".join(f"{k} {n}" for k, n in sorted(self._dropped_by_type.items())),
+                    "; the end of a face whose new was delivered was lost: raise mqtt.buffer_size"
+                    if level == logging.ERROR else "")
 
     def _unsent(self) -> int:
         with self._cond:
@@ -393,6 +468,7 @@ class MqttPublisher:
         # not authorized for the topic): the broker refused the event, so resending it would loop forever.
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             self._dropped += 1
+            self._dropped_by_type[entry.kind or "other"] += 1
             now = time.monotonic()
             if now - self._last_drop_warn >= _WARN_EVERY_S or self._dropped == 1:
                 self._last_drop_warn = now
@@ -419,6 +495,7 @@ class MqttPublisher:
                 if self._closed:
                     return
                 entry = self._pending.popleft()
+                self._queued(entry, -1)
                 entry.gen = self._gen
                 self._inflight.append(entry)
                 self._publishing = True
@@ -433,12 +510,14 @@ class MqttPublisher:
                 self._publishing = False
                 if info is None:
                     self._dropped += 1
+                    self._dropped_by_type[entry.kind or "other"] += 1
                     entry.acked = True
                     self._ack_cleanup()
                 elif info.rc == mqtt.MQTT_ERR_NO_CONN and self.cfg.qos == 0:
                     # QoS 0 is not kept by paho while disconnected: take it back, in front.
                     self._inflight.remove(entry)
                     self._pending.appendleft(entry)
+                    self._queued(entry, 1)
                 elif info.mid in self._early_acks:
                     self._ack(entry, None)
                 else:

@@ -82,6 +82,7 @@ def test_topic_names_and_stats_shape(broker, publishers):
     assert p.topic("faces") == "site/a/dev1/faces"
     assert p.client_id == "fer-edge-dev1"
     assert p.stats() == {"connected": False, "buffered": 0, "dropped": 0, "sent": 0, "reconnects": 0}
+    assert p.dropped_by_type() == {}
 
 
 def test_online_offline_retained_on_clean_start_stop(broker, subscriber, publishers):
@@ -221,6 +222,102 @@ def test_buffer_overflow_drops_oldest_and_counts(persistent_broker, subscriber, 
     faces = p.topic("faces")
     assert sub.wait_topic(faces, lambda ms: len(ms) >= 5, timeout=10), p.stats()
     assert first_occurrences(seqs(sub, faces)) == [7, 8, 9, 10, 11]
+
+
+def ev(kind: str, face: str, seq: int) -> dict:
+    return {"type": kind, "face_id": face, "seq": seq}
+
+
+def delivered(sub: Subscriber, topic: str) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((e["type"], e["face_id"], e["seq"]) for e in map(json.loads,
+                                                                                  (m.payload for m in sub.on_topic(topic)))))
+
+
+def check_pairs(got: list[tuple], already: set[str] = frozenset()) -> None:
+    """What a consumer relies on: no update/end of a face without its new (unless delivered earlier), one end."""
+    seen = set(already)
+    ended = set()
+    for kind, face, *_ in got:
+        if kind == "new":
+            assert face not in seen, got
+            seen.add(face)
+        else:
+            assert face in seen and face not in ended, (kind, face, got)
+            if kind == "end":
+                ended.add(face)
+
+
+def test_full_outbox_drops_updates_first(persistent_broker, subscriber, publishers, caplog):
+    b = persistent_broker
+    sub = subscriber("fer-edge/+/faces", on=b, persistent=True)
+    b.stop()
+    p = publishers(make_cfg(b, buffer_size=5))
+    p.start()
+    events = [ev("new", "a", 0), ev("update", "a", 1), ev("update", "a", 2), ev("update", "a", 3),
+              ev("new", "b", 4), ev("update", "b", 5), ev("update", "b", 6), ev("update", "b", 7),
+              ev("end", "a", 8), ev("end", "b", 9)]
+    with caplog.at_level(logging.WARNING, logger="edge.mqtt"):
+        for e in events:
+            p.publish_event(e)
+    assert p.stats()["dropped"] == 5 and p.stats()["buffered"] == 5
+    assert p.dropped_by_type() == {"update": 5}
+    assert "outbox full" in caplog.text and "update" in caplog.text
+    b.start()
+    faces = p.topic("faces")
+    assert sub.wait_topic(faces, lambda ms: len(ms) >= 5, timeout=10), p.stats()
+    got = delivered(sub, faces)
+    # Every new and end kept; of the updates only the newest survives.
+    assert got == [("new", "a", 0), ("new", "b", 4), ("update", "b", 7), ("end", "a", 8), ("end", "b", 9)]
+    check_pairs(got)
+
+
+def test_full_outbox_without_updates_drops_whole_faces(persistent_broker, subscriber, publishers):
+    """No update left to drop: the oldest face whose new is still queued goes, with all its events, and the rest
+    of that face's events are dropped as they come, so a consumer never sees half a face."""
+    b = persistent_broker
+    sub = subscriber("fer-edge/+/faces", on=b, persistent=True)
+    b.stop()
+    p = publishers(make_cfg(b, buffer_size=4))
+    p.start()
+    seq = [("new", "a"), ("new", "b"), ("end", "a"), ("new", "c"), ("end", "c"), ("new", "d"), ("update", "b"),
+           ("end", "d"), ("update", "b"), ("end", "b"), ("new", "e"), ("end", "e")]
+    for i, (kind, face) in enumerate(seq):
+        p.publish_event(ev(kind, face, i))
+    assert p.stats()["buffered"] == 4
+    b.start()
+    faces = p.topic("faces")
+    assert sub.wait_topic(faces, lambda ms: len(ms) >= 4, timeout=10), p.stats()
+    assert wait_until(lambda: p.stats()["buffered"] == 0)
+    got = delivered(sub, faces)
+    check_pairs(got)
+    assert [(k, f) for k, f, _ in got] == [("new", "d"), ("end", "d"), ("new", "e"), ("end", "e")]
+    assert p.stats()["dropped"] == len(seq) - 4
+    assert p.dropped_by_type() == {"new": 3, "update": 2, "end": 3}
+
+
+def test_full_outbox_keeps_the_end_of_a_face_already_announced(persistent_broker, subscriber, publishers):
+    """A face whose new reached the broker before the outage gets its end, even if newer faces must go."""
+    b = persistent_broker
+    sub = subscriber("fer-edge/+/faces", on=b, persistent=True)
+    p = publishers(make_cfg(b, buffer_size=2))
+    p.start()
+    assert wait_until(lambda: p.stats()["connected"])
+    faces = p.topic("faces")
+    p.publish_event(ev("new", "a", 0))
+    assert sub.wait_topic(faces, lambda ms: len(ms) >= 1)
+    assert wait_until(lambda: p.stats()["buffered"] == 0)
+    b.stop()
+    assert wait_until(lambda: not p.stats()["connected"])
+    for i, (kind, face) in enumerate([("new", "b"), ("new", "c"), ("update", "a"), ("end", "a"), ("end", "b"),
+                                      ("new", "d")], start=1):
+        p.publish_event(ev(kind, face, i))
+    b.start()
+    assert wait_until(lambda: p.stats()["connected"] and p.stats()["buffered"] == 0, timeout=10), p.stats()
+    assert sub.wait_topic(faces, lambda ms: ("end", "a") in [(json.loads(m.payload)["type"],
+                                                              json.loads(m.payload)["face_id"]) for m in ms])
+    got = delivered(sub, faces)
+    check_pairs(got)
+    assert ("end", "a", 4) in got
 
 
 def test_publish_event_never_blocks_when_broker_down(publishers, caplog):
