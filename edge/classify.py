@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.native_stderr import filtered_stderr, is_litert_info
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).with_name("models") / "fer_emotion.tflite"
@@ -114,8 +116,10 @@ class Classifier:
         self.margin = float(man["input"]["margin"])
         Interpreter, self.backend = _interpreter_class()
         try:
-            self._it = Interpreter(model_path=str(path), num_threads=threads)
-            self._it.allocate_tensors()
+            # The runtime prints an INFO line on fd 2 when the first allocation creates its CPU delegate.
+            with filtered_stderr(is_litert_info):
+                self._it = Interpreter(model_path=str(path), num_threads=threads)
+                self._it.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"{path}: not a loadable TFLite model ({e})") from None
         inp = self._it.get_input_details()[0]

@@ -172,7 +172,7 @@ def format_table(report: dict) -> str:
         "preproc + classify + trk+pub (the daemon's work per frame);",
         "trk+pub = tracker + " + report["publish_measures"] + "; cpu/f = process CPU ms per frame, all threads; "
         "load = model load ms; rss/peak = MB",
-        "", "budget (issue 6):",
+        "", "budget (x86, one thread):",
     ]
     for b in report["budget"]:
         verdict = {True: "OK", False: "OVER", None: "-"}[b["ok"]]

@@ -76,6 +76,12 @@ class InstallOptions:
             raise InstallError(f"--source-kind {self.source_kind!r}: use auto, picamera2, opencv or demo")
 
 
+# Past -> present tense of the verbs Report.change lines start with, for dry runs.
+PRESENT = {"created": "create", "added": "add", "set": "set", "updated": "update", "reloaded": "reload",
+           "enabled": "enable", "started": "start", "restarted": "restart", "stopped": "stop", "disabled": "disable",
+           "removed": "remove"}
+
+
 @dataclass
 class Report:
     """What a run did (or would do): one line per step, and whether anything changed."""
@@ -86,8 +92,14 @@ class Report:
     warnings: int = 0
 
     def change(self, text: str) -> None:
+        """``text`` in the past tense ("created /etc/x"); a dry run reports it as "would create /etc/x"."""
         self.changed += 1
-        self.lines.append(("would " if self.dry_run else "") + text)
+        if self.dry_run:
+            words = text.split(" ")
+            for i in (0, 2) if len(words) > 2 and words[1] == "and" else (0,):
+                words[i] = PRESENT.get(words[i], words[i])
+            text = "would " + " ".join(words)
+        self.lines.append(text)
 
     def same(self, text: str) -> None:
         self.lines.append(text)

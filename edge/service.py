@@ -375,7 +375,8 @@ class Service:
         mq_txt = "mqtt off" if mq is None else (
             f"mqtt {'up' if mq['connected'] else 'DOWN'} buffered {mq['buffered']} dropped {mq['dropped']}")
         total = s["latency_ms"]["total"]["p50_ms"]
-        return (f"{s['fps']:.1f} fps, {s['faces_in_view']} faces, {s['events']['produced']} events, "
+        n, ev = s["faces_in_view"], s["events"]["produced"]
+        return (f"{s['fps']:.1f} fps, {n} face{'' if n == 1 else 's'}, {ev} event{'' if ev == 1 else 's'}, "
                 f"p50 {total if total is not None else '-'} ms, "
                 f"source {'up' if s['source']['connected'] else 'DOWN'}, {mq_txt}")
 

@@ -31,6 +31,7 @@ def grab_frame(source_cfg, warmup_s: float = 2.0, timeout_s: float = 10.0):
     """
     from edge.sources import open_source
 
+    _check_video_file(source_cfg)
     src = open_source(source_cfg)
     frame = None
     try:
@@ -51,7 +52,31 @@ def grab_frame(source_cfg, warmup_s: float = 2.0, timeout_s: float = 10.0):
     return frame.image, src.name
 
 
-def _label(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color, thick: int) -> None:
+def _check_video_file(source_cfg) -> None:
+    """A video file that is missing or not a video: say so at once. The daemon keeps retrying such a source
+    (the file may appear later), which for a one-shot snapshot is only a silent wait for the timeout."""
+    uri = str(getattr(source_cfg, "uri", "") or "")
+    if source_cfg.kind != "opencv" or not uri or uri.isdigit() or uri.startswith("/dev/") or "://" in uri:
+        return
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise SnapshotError(f"{uri}: video file not found (source.uri)")
+    if not path.is_file():
+        raise SnapshotError(f"{uri}: not a file (source.uri names a video file, a camera index or a URL)")
+    from edge.native_stderr import filtered_stderr
+
+    with filtered_stderr(lambda line: True) as ffmpeg_said:  # FFmpeg's own "[mov @ 0x…] moov atom not found"
+        cap = cv2.VideoCapture(str(path))
+        try:
+            ok = cap.isOpened() and cap.read()[0]
+        finally:
+            cap.release()
+    if not ok:
+        why = f" ({ffmpeg_said[-1].split('] ', 1)[-1].strip()})" if ffmpeg_said else ""
+        raise SnapshotError(f"{uri}: not a readable video file{why}")
+
+
+def draw_label(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color, thick: int) -> None:
     """Text on a filled dark box, readable on any background."""
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     x, y = org
@@ -73,16 +98,16 @@ def annotate(image: np.ndarray, faces: list[dict], header: list[str], min_face: 
     if 0 < min_face < min(h, w) // 2:
         m = 6 * thick
         cv2.rectangle(img, (m, h - m - min_face), (m + min_face, h - m), YELLOW, thick)
-        _label(img, "min face", (m, h - m - min_face - 2), scale * 0.8, YELLOW, max(1, thick - 1))
+        draw_label(img, "min face", (m, h - m - min_face - 2), scale * 0.8, YELLOW, max(1, thick - 1))
     for i, f in enumerate(faces, 1):
         b = f["bbox"]
         cv2.rectangle(img, (b["x"], b["y"]), (b["x"] + b["w"] - 1, b["y"] + b["h"] - 1), GREEN, 2 * thick)
-        _label(img, f"#{i} {f['emotion']} {f['confidence']:.0%}", (b["x"], b["y"] - 2 * thick), scale, GREEN, thick)
+        draw_label(img, f"#{i} {f['emotion']} {f['confidence']:.0%}", (b["x"], b["y"] - 2 * thick), scale, GREEN, thick)
     y = 0
     for text in header:
         (_, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
         y += th + base + 4
-        _label(img, text, (0, y - base), scale, WHITE, thick)
+        draw_label(img, text, (0, y - base), scale, WHITE, thick)
     return img
 
 

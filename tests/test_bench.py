@@ -75,6 +75,8 @@ def test_table_output_and_missing_backend():
               "tflite-runtime")
     assert r.returncode == 0, r.stderr
     assert "total p50/p95/p99" in r.stdout and "reproduce: fer-edge bench" in r.stdout
+    assert "budget (x86, one thread):" in r.stdout and "issue" not in r.stdout  # no tracker jargon for users
+    assert "XNNPACK" not in r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("scenes/0f")]
     assert len(rows) == 2 and "litert" in rows[0] and "tflite-rt" in rows[1]
     if importlib.util.find_spec("tflite_runtime") is None:

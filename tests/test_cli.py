@@ -95,6 +95,31 @@ def test_predict_finds_both_faces_and_annotates(faces_image, tmp_path):
     annotated = cv2.imread(str(out_png))
     assert annotated is not None and annotated.shape == (300, 520, 3)
     assert not np.array_equal(annotated, cv2.imread(str(path)))
+    assert f"wrote {out_png} (2 faces marked)" in r.stderr
+    assert "XNNPACK" not in r.stderr  # the runtime's INFO line is noise to a user
+    # Each label sits on a filled dark box (readable on any background): the 110-gray canvas above each face
+    # turns black where the label is.
+    for face in result["faces"]:
+        b = face["bbox"]
+        band = annotated[max(0, b["y"] - 16):b["y"] - 4, b["x"] + 2:b["x"] + 40]
+        assert (band.max(axis=2) < 30).mean() > 0.3, "no filled label box above the face"
+
+
+@needs_model
+def test_predict_annotate_refuses_a_missing_directory_before_any_work(faces_image, tmp_path):
+    path, _ = faces_image
+    r = cli("predict", str(path), "--annotate", str(tmp_path / "no" / "such" / "out.png"))
+    assert r.returncode == 2 and f"directory {tmp_path / 'no' / 'such'} does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "no").exists() and r.stdout == ""
+    r = cli("predict", str(path), "--annotate", str(tmp_path / "out.gif"))
+    assert r.returncode == 2 and "unsupported extension" in r.stderr
+    # several images: the directory itself is created (and said so), its parent must exist
+    r = cli("predict", str(path), str(path), "--annotate", str(tmp_path / "gone" / "dir"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "gone").exists()
+    r = cli("predict", str(path), str(path), "--annotate", str(tmp_path / "dir"))
+    assert r.returncode == 0, r.stderr
+    assert f"created directory {tmp_path / 'dir'}" in r.stderr
+    assert f"wrote {tmp_path / 'dir' / 'two_faces_annotated.png'} (2 faces marked)" in r.stderr
 
 
 @needs_model
@@ -212,7 +237,28 @@ def test_listen_all_devices_prints_lines_and_live_summary(broker):
     assert re.search(r"kitchen\s+face 2-bbbb\s+new\s+happy\s+70%", out), out
     assert "= kitchen [online]: 2 in view (1-aaaa happy 70%, 2-bbbb happy 70%), 2 events" in out
     assert re.search(r"door\s+face 1-cccc\s+end\s+after 2.0s: mostly happy \(100% of the time\), 12 frames", out), out
-    assert "= door [online]: 0 in view, 1 events" in out
+    assert "= door [online]: 0 in view, 1 event" in out and "1 events" not in out
+
+
+def test_listen_into_head_exits_at_once_without_a_traceback(broker):
+    """`fer-edge listen --json | head -1`: the closed pipe ends the listener quietly (it used to hang)."""
+    listen = f"{sys.executable} -m edge.cli listen --host {broker.host} --port {broker.port} --json"
+    proc = subprocess.Popen(["bash", "-c", f'{listen} | head -1; echo "listen exit ${{PIPESTATUS[0]}}" >&2'],
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in proc.stderr.readline()
+        deadline = time.monotonic() + 30
+        n = 0
+        while proc.poll() is None and time.monotonic() < deadline:  # keep writing until the listener notices
+            n += 1
+            publish(broker, "fer-edge/pi1/faces", [sample_event("pi1", f"{n}-aaaa")])
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "listen exit 0" in err and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert len(out.splitlines()) == 1 and json.loads(out)["face_id"] == "1-aaaa"
 
 
 def test_listen_errors_are_one_line():
@@ -243,6 +289,12 @@ def test_demo_starts_its_own_broker_and_prints_events():
         assert "started mosquitto on 127.0.0.1:" in r.stdout
     lines = r.stdout.splitlines()
     assert any(re.search(r"\bdemo\s+face \S+\s+new\s+\w+", ln) for ln in lines), r.stdout
+    stamps = [float(m[1]) for ln in lines if (m := re.match(r"\s*(\d+\.\d)s\s+demo\s+face", ln))]
+    assert stamps == sorted(stamps), "events are printed in the order they arrive, stamped with that time"
+    # the clip's labels are set beside what the model said, with what its accuracy means
+    assert "clip ground truth: the FER-2013 label of each face shown, beside what the model said" in r.stdout
+    assert re.search(r"face \S+\s+label happy\s+model \S+", r.stdout), r.stdout
+    assert re.search(r"\d of \d labels? found\. The model is right on \d+% of FER-2013's", r.stdout), r.stdout
     assert any(re.search(r"face \S+\s+end\s+after", ln) for ln in lines), r.stdout
     m = re.search(r"demo finished: (\d+) frames .* (\d+) events produced, (\d+) events from (\d+) faces", r.stdout)
     assert m, r.stdout
@@ -258,6 +310,68 @@ def test_demo_without_mqtt_prints_events_directly():
     assert re.search(r"face \S+\s+new\s+\w+", r.stdout), r.stdout
     m = re.search(r"demo finished: 40 frames .* (\d+) events produced, (\d+) events from", r.stdout)
     assert m and m[1] == m[2] and int(m[1]) >= 2, r.stdout
+
+
+def test_event_printer_stamps_arrival_and_demo_truth_compares_labels():
+    """Unit view of the demo's output: arrival-time stamps, and each clip face's label against the model's."""
+    import io
+
+    from edge.classify import read_manifest, DEFAULT_MODEL
+    from edge.cli.demo import demo_truth
+    from edge.cli.subscriber import EventPrinter
+
+    meta = json.loads((ROOT / "edge" / "data" / "demo.json").read_text())
+    first_box = {int(t["track"]): t["boxes"][len(t["boxes"]) // 2] for t in meta["tracks"]}
+    clock = iter(range(100, 200))
+    out = io.StringIO()
+    printer = EventPrinter(out=out, t0=100.0, clock=lambda: float(next(clock)))
+
+    def ev(face_id, track, emotion, kind="new"):
+        x, y, w, h = first_box[track]
+        printer({"type": kind, "face_id": face_id, "device_id": "demo", "emotion": emotion, "confidence": 0.5,
+                 "epoch": 50.0, "scores": {emotion: 0.5}, "bbox": {"x": x + 10, "y": y + 10, "w": w - 20, "h": h - 20}})
+
+    ev("1-a", 1, "happy")
+    ev("1-a", 1, "happy", "update")
+    ev("1-a", 1, "surprise", "update")
+    ev("2-b", 2, "neutral")
+    stamps = [float(line.split("s")[0]) for line in out.getvalue().splitlines()]
+    assert stamps == [0.0, 1.0, 2.0, 3.0]  # arrival order, not the events' own epochs (all 50.0 here)
+    lines = demo_truth(printer, frames_played=120, manifest=read_manifest(DEFAULT_MODEL))
+    assert lines[0].startswith("clip ground truth")
+    assert re.search(r"face 1-a\s+label happy -> surprise\s+model happy -> surprise\s+right$", lines[1]), lines
+    assert re.search(r"face 2-b\s+label sad\s+model neutral\s+wrong$", lines[2]), lines
+    assert len(lines) == 4 and lines[3].startswith("2 of 3 labels found. The model is right on ")
+    assert "% of the sad ones (its manifest)" in lines[3]
+    assert demo_truth(printer, frames_played=0) == []
+
+
+def test_native_stderr_filter_keeps_everything_but_the_noise(capfd):
+    import os as _os
+
+    from edge.native_stderr import XNNPACK_INFO, filtered_stderr, is_litert_info
+
+    with filtered_stderr(is_litert_info) as dropped:
+        _os.write(2, f"{XNNPACK_INFO}\nsomething a user needs\n".encode())
+    _os.write(2, b"after\n")
+    assert capfd.readouterr().err == "something a user needs\nafter\n"
+    assert dropped == [XNNPACK_INFO]
+
+
+def test_wording_plurals_and_dry_run_tense():
+    from edge.cli.common import plural
+    from edge.install import Report
+
+    assert (plural(1, "face"), plural(0, "face"), plural(2, "face")) == ("1 face", "0 faces", "2 faces")
+    rep = Report(dry_run=True)
+    rep.change("created /etc/fer-edge (mode 0755)")
+    rep.change("enabled and started fer-edge.service (starts on boot)")
+    rep.change("set owner a:b on /x")
+    assert rep.lines == ["would create /etc/fer-edge (mode 0755)",
+                         "would enable and start fer-edge.service (starts on boot)", "would set owner a:b on /x"]
+    real = Report()
+    real.change("created /etc/fer-edge (mode 0755)")
+    assert real.lines == ["created /etc/fer-edge (mode 0755)"]
 
 
 def test_version():

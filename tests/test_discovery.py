@@ -377,7 +377,8 @@ def test_remove_command_clears_configs_and_state(broker):
     assert stale in r.stdout and foreign not in r.stdout
     left = retained(broker, "#")
     assert set(left) == {foreign, f"fer-edge/{device}/status"}, sorted(left)
-    # Idempotent: nothing left to remove.
+    # Idempotent: nothing left to remove. --host/--port name the broker as they do for listen and model.
+    args = ["--device-id", device, "--host", broker.host, "--port", str(broker.port)]
     r = subprocess.run([sys.executable, "-m", "edge.cli", "homeassistant", "remove", *args], cwd=ROOT,
                        env=clean_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "nothing to remove" in r.stdout, r.stdout + r.stderr

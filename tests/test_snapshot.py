@@ -123,3 +123,22 @@ def test_cli(tmp_path):
 
     res = run_cli("-o", str(tmp_path / "nodir" / "x.jpg"), "--set", "source.kind=demo", cwd=tmp_path)
     assert res.returncode == 1 and "no such directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_video_file_missing_or_not_a_video_is_said_at_once(tmp_path):
+    """A missing video file is "not found" at once (it used to wait --timeout and say "no frame"), and a file
+    that is not a video says so in one line, without FFmpeg's raw "[mov,mp4,… @ 0x…]" lines."""
+    import time
+
+    t0 = time.monotonic()
+    res = run_cli("--set", "source.kind=opencv", "--set", f"source.uri={tmp_path / 'gone.mp4'}",
+                  "-o", str(tmp_path / "x.jpg"), "--timeout", "30", cwd=tmp_path)
+    assert res.returncode == 1 and f"{tmp_path / 'gone.mp4'}: video file not found" in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 25, "waited for the frame timeout"  # a bound far from the 30 s timeout
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video\n")
+    res = run_cli("--set", "source.kind=opencv", "--set", f"source.uri={fake}", "-o", str(tmp_path / "x.jpg"),
+                  cwd=tmp_path)
+    assert res.returncode == 1 and f"{fake}: not a readable video file" in res.stderr, res.stderr
+    assert " @ 0x" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "XNNPACK" not in res.stderr and res.stdout == ""

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `fer-edge listen | head`
+    except BrokenPipeError:  # e.g. `fer-edge predict *.jpg | head -1`
+        from edge.cli.subscriber import stdout_closed
+
+        stdout_closed()
         return EXIT_OK
     except Exception as e:  # a bug, not a user error: one line, details only when asked for
         if getattr(args, "verbose", False):

@@ -11,6 +11,11 @@ from typing import Mapping
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
+def plural(n: int, word: str) -> str:
+    """ "1 face", "2 faces" """
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit status ``code``."""
 

@@ -7,11 +7,11 @@ import argparse
 import logging
 import sys
 
+from edge.cli.common import add_config_args, collect_overrides
+
 
 def register(sub) -> None:
     """Add the homeassistant sub-command."""
-    from edge.cli.common import add_config_args
-
     p = sub.add_parser(
         "homeassistant", help="Home Assistant MQTT discovery: show the configs, or remove the device",
         description="show: print the retained discovery configs the daemon announces with "
@@ -21,20 +21,24 @@ def register(sub) -> None:
     p.add_argument("action", choices=["show", "remove"])
     add_config_args(p)
     p.add_argument("--device-id", metavar="ID", help="device.id (default: the config's, else the hostname)")
+    p.add_argument("--host", help="broker host (mqtt.host)")
+    p.add_argument("--port", help="broker port (mqtt.port)")
+    p.add_argument("--prefix", help="topic prefix (mqtt.prefix)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="broker timeout (remove)")
     p.set_defaults(func=cmd_homeassistant)
 
 
+FLAGS = {"device_id": "device.id", "host": "mqtt.host", "port": "mqtt.port", "prefix": "mqtt.prefix"}
+
+
 def cmd_homeassistant(args: argparse.Namespace) -> int:
-    from edge.config import ConfigError, find_config_path, load_config, parse_set_option
+    from edge.config import ConfigError, find_config_path, load_config
     from edge.mqtt import MqttError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        overrides = dict(parse_set_option(item) for item in args.sets)
-        if args.device_id:
-            overrides["device.id"] = args.device_id
+        overrides = collect_overrides(args, FLAGS)
         cfg = load_config(find_config_path(args.config), overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

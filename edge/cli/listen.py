@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from edge.cli.common import (EXIT_FAIL, EXIT_OK, UserError, add_config_args, collect_overrides, load_for_command,
-                             setup_logging)
+                             plural, setup_logging)
 from edge.cli.subscriber import EventPrinter, subscribe
 
 
@@ -56,7 +56,7 @@ class DeviceBoard:
         d = self._dev(device)
         faces = ", ".join(f"{fid} {emo} {conf:.0%}" for fid, (emo, conf) in d["faces"].items())
         return (f"  = {device} [{d['status']}]: {len(d['faces'])} in view"
-                + (f" ({faces})" if faces else "") + f", {d['events']} events")
+                + (f" ({faces})" if faces else "") + f", {plural(d['events'], 'event')}")
 
 
 LISTEN_FLAGS = {"host": "mqtt.host", "port": "mqtt.port", "prefix": "mqtt.prefix"}
@@ -106,8 +106,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
             if args.count and received[0] >= args.count:
                 done.set()
 
-    client = subscribe(mcfg, [faces_topic, status_topic], on_message,
-                        client_id=f"fer-edge-listen-{os.getpid()}")
+    client = subscribe(mcfg, [faces_topic, status_topic], on_message, client_id=f"fer-edge-listen-{os.getpid()}",
+                       on_stdout_closed=done.set)
     # On stderr, so --json output stays pure; scripts can wait for this line.
     print(f"listening on mqtt://{mcfg.host}:{mcfg.port}/{faces_topic} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from edge.cli.common import EXIT_FAIL, EXIT_OK, add_config_args, collect_overrides, load_for_command, setup_logging
+from edge.cli.common import (EXIT_FAIL, EXIT_OK, UserError, add_config_args, collect_overrides, load_for_command,
+                             plural, setup_logging)
 
 
 def register(sub) -> None:
@@ -17,7 +18,8 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    p.add_argument("--annotate", metavar="OUT", help="write an annotated copy (a directory if several images)")
+    p.add_argument("--annotate", metavar="OUT", help="write a copy with boxes and labels (.png/.jpg; with several images a directory, created "
+                        "if its parent exists)")
     p.add_argument("--model", metavar="PATH", help="model .tflite (default: config model.path / bundled)")
     p.add_argument("--whole", action="store_true",
                    help="skip detection: treat each image as one already-cropped face (like FER-2013 images)")
@@ -40,13 +42,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     setup_logging("DEBUG" if args.verbose else "WARNING")
     from edge.model_store import current_model_path
 
+    annotate_dir = _annotate_target(args.annotate, len(args.images)) if args.annotate else None
     model = args.model or current_model_path(cfg.device.state_dir, cfg.model.path)
     clf = load_classifier(model, threads=cfg.model.threads)
     detector = make_detector(cfg.detect)
-    annotate_dir = None
-    if args.annotate and len(args.images) > 1:
-        annotate_dir = Path(args.annotate)
-        annotate_dir.mkdir(parents=True, exist_ok=True)
+    if annotate_dir is not None and not annotate_dir.is_dir():
+        annotate_dir.mkdir()
+        print(f"created directory {annotate_dir}", file=sys.stderr, flush=True)
 
     failed = 0
     for path in args.images:
@@ -78,7 +80,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            print(f"{path}: {len(faces)} face{'s' if len(faces) != 1 else ''}"
+            print(f"{path}: {plural(len(faces), 'face')}"
                   + (" (whole image classified as one face)" if whole else ""), flush=True)
             for i, f in enumerate(faces, 1):
                 b = f["bbox"]
@@ -89,25 +91,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print("  no face found (for a pre-cropped face try --whole)", flush=True)
         if args.annotate:
             out = annotate_dir / f"{Path(path).stem}_annotated.png" if annotate_dir else Path(args.annotate)
-            if not _annotate(image, faces, out):
-                print(f"error: {out}: cannot write annotated image", file=sys.stderr, flush=True)
-                failed += 1
+            failed += not _annotate(image, faces, out)
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def _annotate_target(annotate: str, n_images: int) -> Path | None:
+    """Check --annotate before any work: the directory for several images (None for one), or UserError."""
+    from edge.snapshot import WRITABLE_EXTS
+
+    out = Path(annotate).expanduser()
+    if n_images == 1:
+        if out.is_dir():
+            raise UserError(f"--annotate {annotate}: is a directory; give a file name (.png or .jpg)")
+        if out.suffix.lower() not in WRITABLE_EXTS:
+            raise UserError(f"--annotate {annotate}: unsupported extension; use .png or .jpg")
+        if not out.parent.is_dir():
+            raise UserError(f"--annotate {annotate}: directory {out.parent} does not exist")
+        return None
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--annotate {annotate}: not a directory (with several images it names a directory)")
+    if not out.exists() and not out.parent.is_dir():
+        raise UserError(f"--annotate {annotate}: directory {out.parent} does not exist")
+    return out
+
+
 def _annotate(image, faces: list[dict], out: Path) -> bool:
+    """Write ``image`` with a box and a filled "#N emotion NN%" label per face; say what was written."""
     import cv2
 
+    from edge.snapshot import GREEN, SnapshotError, draw_label, write_image
+
     img = image.copy()
-    thick = max(1, round(max(img.shape[:2]) / 320))
-    for f in faces:
+    thick = max(1, round(max(img.shape[:2]) / 480))
+    for i, f in enumerate(faces, 1):
         b = f["bbox"]
-        cv2.rectangle(img, (b["x"], b["y"]), (b["x"] + b["w"], b["y"] + b["h"]), (0, 255, 0), thick)
-        label = f"{f['emotion']} {f['confidence']:.0%}"
-        cv2.putText(img, label, (b["x"], max(12, b["y"] - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick,
-                    (0, 255, 0), thick, cv2.LINE_AA)
+        cv2.rectangle(img, (b["x"], b["y"]), (b["x"] + b["w"] - 1, b["y"] + b["h"] - 1), GREEN, 2 * thick)
+        draw_label(img, f"#{i} {f['emotion']} {f['confidence']:.0%}", (b["x"], b["y"] - 2 * thick), 0.45 * thick,
+                   GREEN, thick)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return bool(cv2.imwrite(str(out), img))
-    except (OSError, cv2.error):
+        write_image(out, img)
+    except SnapshotError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return False
+    print(f"wrote {out} ({plural(len(faces), 'face')} marked)", file=sys.stderr, flush=True)
+    return True

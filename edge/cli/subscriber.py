@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Callable
 
-from edge.cli.common import EXIT_FAIL, UserError
+from edge.cli.common import EXIT_FAIL, UserError, plural
 
 
 def make_client(mcfg, client_id: str):
@@ -27,18 +27,25 @@ def make_client(mcfg, client_id: str):
 
 
 class EventPrinter:
-    """Turns event payloads into readable lines and keeps a per-face summary."""
+    """Turns event payloads into readable lines and keeps a per-face summary.
 
-    def __init__(self, out=None, t0: float | None = None):
+    Lines are stamped with the time they arrive, so they are in order: an ``end`` is sent ``track.max_missed_s``
+    after the face was last seen (its ``epoch``), i.e. after updates of other faces that carry later epochs.
+    """
+
+    def __init__(self, out=None, t0: float | None = None, clock: Callable[[], float] = time.time):
         self.out = out or sys.stdout
         self.t0 = t0
+        self.clock = clock
         self.counts: dict[str, int] = {}
         self.ended: list[dict] = []
         self.faces: set[str] = set()
+        self.first_bbox: dict[str, dict] = {}  # face_id -> bbox of its first event
+        self.emotions: dict[str, list[str]] = {}  # face_id -> emotions it was reported with, repeats collapsed
         self.received = 0
 
     def line(self, ev: dict) -> str:
-        t = ev.get("epoch", time.time())
+        t = self.clock()
         when = f"{t - self.t0:6.1f}s" if self.t0 is not None else time.strftime("%H:%M:%S", time.localtime(t))
         b = ev.get("bbox", {})
         head = f"{when}  {ev.get('device_id', '?')}  face {ev.get('face_id', '?'):<8} {ev.get('type', '?'):<6}"
@@ -55,13 +62,20 @@ class EventPrinter:
     def __call__(self, ev: dict) -> None:
         self.received += 1
         self.counts[ev.get("type", "?")] = self.counts.get(ev.get("type", "?"), 0) + 1
-        self.faces.add(ev.get("face_id", "?"))
+        fid = str(ev.get("face_id", "?"))
+        self.faces.add(fid)
+        if isinstance(ev.get("bbox"), dict):
+            self.first_bbox.setdefault(fid, ev["bbox"])
         if ev.get("type") == "end":
             self.ended.append(ev)
+        elif ev.get("emotion"):
+            seen = self.emotions.setdefault(fid, [])
+            if not seen or seen[-1] != ev["emotion"]:
+                seen.append(str(ev["emotion"]))
         print(self.line(ev), file=self.out, flush=True)
 
     def summary(self) -> str:
-        parts = [f"{self.received} events from {len(self.faces)} faces "
+        parts = [f"{plural(self.received, 'event')} from {plural(len(self.faces), 'face')} "
                  f"(new {self.counts.get('new', 0)}, update {self.counts.get('update', 0)}, "
                  f"end {self.counts.get('end', 0)})"]
         dominant: dict[str, int] = {}
@@ -83,9 +97,26 @@ def print_payload(printer: EventPrinter, payload: bytes) -> None:
     printer(ev)
 
 
+def stdout_closed() -> None:
+    """The reader of stdout went away (`fer-edge listen | head -1`): point fd 1 at /dev/null so that neither
+    later prints nor the interpreter's final flush raise BrokenPipeError again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def subscribe(mcfg, topics: list[str], on_message: Callable[[str, bytes], None], client_id: str,
-               timeout: float = 5.0):
-    """Connect, subscribe to ``topics`` and wait for the SUBACK; UserError(code 1) if the broker is unreachable."""
+              timeout: float = 5.0, on_stdout_closed: Callable[[], None] | None = None):
+    """Connect, subscribe to ``topics`` and wait for the SUBACK; UserError(code 1) if the broker is unreachable.
+
+    ``on_message`` runs in paho's network thread, where a BrokenPipeError would only kill that thread (with a
+    traceback) and leave the command waiting forever: it calls ``on_stdout_closed`` instead.
+    """
     import threading
 
     client = make_client(mcfg, client_id)
@@ -104,7 +135,20 @@ def subscribe(mcfg, topics: list[str], on_message: Callable[[str, bytes], None],
 
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
-    client.on_message = lambda _c, _u, msg: on_message(msg.topic, msg.payload)
+    closed = threading.Event()
+
+    def on_paho_message(_c, _u, msg):
+        if closed.is_set():
+            return
+        try:
+            on_message(msg.topic, msg.payload)
+        except BrokenPipeError:
+            closed.set()
+            stdout_closed()
+            if on_stdout_closed is not None:
+                on_stdout_closed()
+
+    client.on_message = on_paho_message
     try:
         client.connect(mcfg.host, mcfg.port, keepalive=mcfg.keepalive)
     except (OSError, ValueError) as e:
