@@ -17,8 +17,10 @@ import logging
 import os
 import pwd
 import re
+import json
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,7 +41,8 @@ TEMPLATE_EXEC = "/opt/fer-edge/venv/bin/fer-edge"
 TEMPLATE_USER = "fer-edge"
 # Supplementary groups for camera access; only those that exist on this system are added.
 CAMERA_GROUPS = ("video",)
-PICAMERA2_PATHS = ("usr/lib/python3/dist-packages/picamera2/__init__.py",)
+# Video nodes of the Pi's own CSI receivers: a camera there is libcamera's (picamera2), not a USB webcam.
+CSI_RECEIVERS = ("unicam", "rp1-cfe", "bcm2835-isp", "pispbe")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
@@ -173,13 +176,52 @@ def render_config(default_toml: str, source_kind: str) -> str:
     return text
 
 
-def detect_source_kind(root: Path) -> str:
-    """picamera2 if Raspberry Pi OS's python3-picamera2 is installed, opencv if a V4L2 camera exists, else demo."""
-    if any((root / p).is_file() for p in PICAMERA2_PATHS):
-        return "picamera2"
-    if (root / "dev" / "video0").exists():
-        return "opencv"
-    return "demo"
+def list_cameras(python: str = sys.executable, env: Optional[dict] = None, timeout: float = 60.0) -> Optional[list[str]]:
+    """Models of the cameras libcamera lists (Picamera2.global_camera_info(), which opens none), or None when
+    picamera2 cannot be imported there. Runs in a child: libcamera logs to stderr and can be slow to start."""
+    code = ("import json; from picamera2 import Picamera2; "
+            "print(json.dumps([str(c.get('Model', '?')) for c in Picamera2.global_camera_info()]))")
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("LIBCAMERA_LOG_LEVELS", "*:ERROR")
+    try:
+        res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout, env=child_env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    try:
+        models = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return [str(m) for m in models] if isinstance(models, list) else None
+
+
+def _video0_name(root: Path) -> Optional[str]:
+    """The driver's name for /dev/video0 ("" if unknown), None when there is no /dev/video0."""
+    if not (root / "dev" / "video0").exists():
+        return None
+    try:
+        return (root / "sys/class/video4linux/video0/name").read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def detect_source(root: Path, cameras: Optional[list[str]]) -> tuple[str, str]:
+    """(source.kind, why) from the cameras actually there: picamera2 when libcamera lists a camera (``cameras``
+    from list_cameras, None = picamera2 not installed or not asked), else opencv when /dev/video0 is a camera
+    (a USB webcam), else demo. An installed python3-picamera2 alone says nothing: Raspberry Pi OS always has it."""
+    if cameras:
+        return "picamera2", f"libcamera lists {', '.join(cameras)}"
+    libcamera = "picamera2 not available" if cameras is None else "libcamera lists no camera"
+    name = _video0_name(root)
+    if name is not None and not any(r in name.lower() for r in CSI_RECEIVERS):
+        return "opencv", f"{libcamera}; /dev/video0 is a V4L2 camera" + (f" ({name})" if name else "")
+    return "demo", f"no camera found ({libcamera}, no USB camera at /dev/video0)"
+
+
+def detect_source_kind(root: Path, cameras: Optional[list[str]] = None) -> str:
+    """source.kind only; see detect_source."""
+    return detect_source(root, cameras)[0]
 
 
 # --- file helpers ----------------------------------------------------------------------------------
@@ -214,9 +256,13 @@ def _ids(user: str, group: str) -> tuple[int, int]:
 class Installer:
     """Performs install/uninstall steps for one set of options; ``run_cmd`` runs system commands."""
 
-    def __init__(self, opts: InstallOptions, run_cmd: Optional[Callable[[list[str]], subprocess.CompletedProcess]] = None):
+    def __init__(self, opts: InstallOptions, run_cmd: Optional[Callable[[list[str]], subprocess.CompletedProcess]] = None,
+                 cameras: Optional[Callable[[], Optional[list[str]]]] = None):
         opts.validate()
         self.opts = opts
+        # Cameras can only be listed on the system they are attached to; a staging root gets the demo or
+        # whatever --source-kind says.
+        self._cameras = cameras or (list_cameras if opts.live else (lambda: None))
         self.root = Path(opts.root)
         self.report = Report(dry_run=opts.dry_run)
         self._run = run_cmd or _run_cmd
@@ -317,11 +363,14 @@ class Installer:
             if p.is_file() and _mode(p) & 0o007:
                 self.report.warn(f"{p} is readable by every user and may hold the MQTT password: chmod 0640 {p}")
             return
-        kind = detect_source_kind(self.root) if o.source_kind == "auto" else o.source_kind
+        if o.source_kind == "auto":
+            kind, why = detect_source(self.root, self._cameras())
+        else:
+            kind, why = o.source_kind, "--source-kind"
         text = render_config(default_toml, kind)
         if not o.dry_run:
             _atomic_write(p, text, 0o640)
-        self.report.change(f"created {p} (mode 0640, source.kind = \"{kind}\")")
+        self.report.change(f"created {p} (mode 0640, source.kind = \"{kind}\": {why})")
         if kind == "demo":
             self.report.warn(f"no camera found, so source.kind is \"demo\" (the bundled clip): set [source] kind in {p}")
         self._chown(p, "root", o.user)

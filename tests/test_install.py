@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from edge.install import InstallError, InstallOptions, Installer, render_config, render_unit, set_toml_key
+from edge.install import (InstallError, InstallOptions, Installer, list_cameras, render_config, render_unit,
+                          set_toml_key)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOML = (ROOT / "config" / "default.toml").read_text()
@@ -141,14 +143,58 @@ def test_source_kind_in_new_config():
     assert found and text == '[a]\nkind = 1\n# kind = 2\n[source]\n# kind = "x"\nkind = "y"\n'
 
 
-def test_detects_picamera2_in_root(tmp_path):
+FAKE_PICAMERA2 = Path(__file__).resolve().parent / "fake_picamera2"
+
+
+def written_kind(root: Path) -> str:
+    import tomllib
+
+    return tomllib.loads((root / "etc/fer-edge/config.toml").read_text())["source"]["kind"]
+
+
+@pytest.mark.parametrize("cameras,video0,kind", [
+    (["imx708"], None, "picamera2"),
+    ([], None, "demo"),  # python3-picamera2 installed (always, on Pi OS) but no camera: not picamera2
+    (None, None, "demo"),  # no picamera2 at all
+    ([], "UVC Camera (046d:0825)", "opencv"),  # a USB webcam
+    (None, "", "opencv"),
+    ([], "unicam", "demo"),  # the Pi 4's CSI receiver node without a sensor libcamera can use: not a webcam
+    (["imx219"], "UVC Camera (046d:0825)", "picamera2"),
+])
+def test_source_detection_looks_for_cameras_not_packages(tmp_path, cameras, video0, kind):
     pkg = tmp_path / "usr/lib/python3/dist-packages/picamera2/__init__.py"
     pkg.parent.mkdir(parents=True)
     pkg.write_text("")
-    install(tmp_path)
-    import tomllib
+    if video0 is not None:
+        (tmp_path / "dev").mkdir()
+        (tmp_path / "dev/video0").write_text("")  # stands in for the device node
+        name = tmp_path / "sys/class/video4linux/video0/name"
+        name.parent.mkdir(parents=True)
+        name.write_text(video0 + "\n")
+    report = Installer(InstallOptions(root=str(tmp_path), source=str(ROOT)), cameras=lambda: cameras).install()
+    assert written_kind(tmp_path) == kind
+    line = next(l for l in report.lines if "config.toml" in l and "created" in l)
+    assert f'source.kind = "{kind}": ' in line  # says which and why
+    if kind == "picamera2":
+        assert f"libcamera lists {cameras[0]}" in line
+    elif kind == "opencv":
+        assert "/dev/video0 is a V4L2 camera" in line
 
-    assert tomllib.loads((tmp_path / "etc/fer-edge/config.toml").read_text())["source"]["kind"] == "picamera2"
+
+def test_staging_root_does_not_list_this_machines_cameras(tmp_path):
+    install(tmp_path)
+    assert written_kind(tmp_path) == "demo"
+
+
+def test_list_cameras_asks_libcamera_through_picamera2():
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("FAKE_PICAMERA2")}
+    fake = {**base, "PYTHONPATH": str(FAKE_PICAMERA2)}
+    assert list_cameras(env={**fake, "FAKE_PICAMERA2_CAMERAS": "2"}) == ["imx708", "imx708"]
+    assert list_cameras(env={**fake, "FAKE_PICAMERA2_CAMERAS": "0"}) == []
+    try:
+        import picamera2  # noqa: F401 - only on a Pi
+    except ImportError:
+        assert list_cameras(env=base) is None  # picamera2 not installed: unknown, not "no camera"
 
 
 def test_bad_options_are_refused(tmp_path):
@@ -195,24 +241,36 @@ def test_cli_install_and_uninstall(tmp_path):
     assert res.returncode == 2 and "--user" in res.stderr
 
 
+def build_outputs() -> dict[str, int]:
+    """What an in-place setuptools build writes into the checkout (build/, *.egg-info), with mtimes."""
+    found = [ROOT / "build", *ROOT.glob("*.egg-info")]
+    return {str(p): p.stat().st_mtime_ns for d in found if d.exists() for p in [d, *d.rglob("*")]}
+
+
 def test_install_sh_into_staging_root(tmp_path):
     """scripts/install.sh end to end: venv with system site packages, the package, the service files.
 
-    Offline (--offline): the test machine already has every dependency, which the venv sees through
-    --system-site-packages, so pip needs no index.
+    Offline (--offline): the test's interpreter already has every dependency, so pip needs no index. The staged
+    venv sees the base interpreter's packages through --system-site-packages; when the tests run in a venv of
+    their own, PYTHONPATH adds that venv's (a venv made from a venv links to the base interpreter, not to it).
     """
     if shutil.which("bash") is None:
         pytest.skip("bash not installed")
     stage = tmp_path / "root"
     stage.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FER_EDGE_", "PIP_", "VIRTUAL_ENV"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FER_EDGE_", "PIP_", "VIRTUAL_ENV", "PYTHON"))}
     env["PYTHON"] = sys.executable
+    if sys.prefix != sys.base_prefix:
+        env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
     cmd = ["bash", str(ROOT / "scripts" / "install.sh"), "--root", str(stage), "--offline"]
+    before = build_outputs()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert build_outputs() == before  # built in a temporary copy: no build/ or egg-info written into the checkout
     venv = stage / "opt/fer-edge/venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
-    out = subprocess.run([str(venv / "bin/fer-edge"), "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(venv / "bin/fer-edge"), "--version"], capture_output=True, text=True, timeout=60,
+                         env=env)
     assert out.returncode == 0 and out.stdout.startswith("fer-edge "), out.stderr
     assert mode(stage / "etc/fer-edge/config.toml") == 0o640
     assert (stage / "etc/systemd/system/fer-edge.service").read_text() == UNIT_TEXT
