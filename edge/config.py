@@ -29,6 +29,7 @@ from edge.mqtt import MqttConfig
 from edge.sources import SourceConfig
 from edge.track import TrackConfig
 from edge.updates import UpdateConfig
+from edge.web.config import WebConfig
 
 ENV_PREFIX = "FER_EDGE_"
 # Searched in this order when no -c/--config and no FER_EDGE_CONFIG is given.
@@ -112,6 +113,7 @@ SECTIONS: dict[str, type] = {
     "track": TrackConfig,
     "mqtt": MqttConfig,
     "homeassistant": HomeAssistantConfig,
+    "web": WebConfig,
     "service": ServiceConfig,
 }
 
@@ -128,6 +130,7 @@ class Config:
     track: TrackConfig = field(default_factory=TrackConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     path: str | None = None  # file it was loaded from, if any (for SIGHUP reload)
 

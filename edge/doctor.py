@@ -361,6 +361,54 @@ def check_broker(mqtt_cfg, opts: DoctorOptions) -> Check:
     return Check("broker", OK, f"{where}: connected{who} in {ms:.0f} ms (MQTT {c.protocol})")
 
 
+# --- web page ----------------------------------------------------------------------------------------
+
+def check_web(web_cfg, service_active: bool = False, timeout_s: float = 3.0) -> Check:
+    """With [web] enabled: the running daemon answers /healthz, or the port is free for it; exposure warnings."""
+    import http.client
+
+    w = web_cfg
+    if not w.enabled:
+        return Check("web", SKIP, "web.enabled = false: no web page, /metrics or /healthz")
+    host = "127.0.0.1" if w.bind in ("0.0.0.0", "localhost") else ("::1" if w.bind == "::" else w.bind)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{w.port}/"
+    exposed = "" if w.loopback else (
+        f"; on {w.bind} without a password anyone on the network can see "
+        f"{'the camera picture' if w.preview else 'faces and events'}" if not w.auth else "")
+    fix_exposed = "set web.password_hash (python3 -m edge.web.auth) or bind 127.0.0.1 and use an SSH tunnel"
+    conn = http.client.HTTPConnection(host, w.port, timeout=timeout_s)
+    try:
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        body = resp.read(500).decode("utf-8", "replace").strip()
+    except ConnectionRefusedError:
+        if service_active:
+            return Check("web", FAIL, f"{url}: connection refused although fer-edge.service is running",
+                         "see the daemon's log for the web line: journalctl -u fer-edge -e")
+        try:  # nothing answers: can the daemon listen there when it starts?
+            with socket.socket(socket.AF_INET6 if ":" in w.bind else socket.AF_INET) as s:
+                s.bind((w.bind, w.port))
+        except OSError as e:
+            return Check("web", FAIL, f"cannot listen on {w.bind}:{w.port}: {e.strerror or e}",
+                         "choose another web.port (another program uses it) or fix web.bind")
+        return Check("web", WARN if exposed else OK, f"{url}: port free, the daemon will listen there{exposed}",
+                     fix_exposed)
+    except OSError as e:  # timeout, unreachable
+        return Check("web", FAIL, f"{url}: {e.strerror or e}", "is the daemon hung? journalctl -u fer-edge -e")
+    finally:
+        conn.close()
+    if resp.status == 401:
+        return Check("web", WARN if exposed else OK, f"{url}: answers, password required (web.username "
+                                                      f"{w.username!r}){exposed}", fix_exposed)
+    if resp.status == 200:
+        return Check("web", WARN if exposed else OK, f"{url}: {body}{exposed}", fix_exposed)
+    if resp.status == 503:
+        return Check("web", FAIL, f"{url}: /healthz {resp.status}: {body}",
+                     "the daemon runs but no frames flow: see the source line above and journalctl -u fer-edge -e")
+    return Check("web", FAIL, f"{url}: /healthz answered HTTP {resp.status}: is this fer-edge's port?",
+                 "another program may use web.port; choose another")
+
+
 # --- service -----------------------------------------------------------------------------------------
 
 def service_state(run: Runner = run_command) -> Optional[dict[str, str]]:
@@ -431,6 +479,7 @@ def run_doctor(cfg, opts: Optional[DoctorOptions] = None, out: Optional[TextIO] 
             emit(Check("view", FAIL, f"detect/classify failed on the test frame: {type(e).__name__}: {e}",
                        "report this with the frame: fer-edge snapshot -o frame.jpg"))
     emit(check_broker(cfg.mqtt, opts))
+    emit(check_web(cfg.web, service_active=active))
     counts = {s: sum(1 for r in results if r.status == s) for s in (OK, WARN, FAIL, SKIP)}
     print(f"doctor: {counts[OK]} ok, {counts[WARN]} warning{'s' if counts[WARN] != 1 else ''}, {counts[FAIL]} failed"
           + (f", {counts[SKIP]} skipped" if counts[SKIP] else ""), file=out, flush=True)
