@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 STAGES = ("capture_wait", "detect", "preprocess", "classify", "track_publish", "total")
 # Keys that SIGHUP can apply without restarting (whole sections end with '.').
 LIVE_KEYS = ("track.", "detect.", "mqtt.stats_interval_s", "service.", "model.flip_average")
-SECRET_KEYS = {"mqtt.password"}
+SECRET_KEYS = {"mqtt.password", "web.password_hash"}
 
 
 class LatencyWindow:
@@ -43,9 +43,12 @@ class LatencyWindow:
     def __init__(self, size: int):
         self.size = size
         self._data = {s: collections.deque(maxlen=size) for s in STAGES}
+        self.observer: Callable[[str, float], None] | None = None  # e.g. the web server's latency histograms
 
     def add(self, stage: str, seconds: float) -> None:
         self._data[stage].append(seconds)
+        if self.observer is not None:
+            self.observer(stage, seconds)
 
     def resize(self, size: int) -> None:
         if size != self.size:
@@ -121,6 +124,8 @@ class Service:
         self.classifier = self.detector = self.tracker = self.publisher = self.source = None
         self.homeassistant: HomeAssistant | None = None  # discovery + state topic (also clears it when off)
         self.updates: UpdateManager | None = None  # model updates: install, hot swap, probation, rollback
+        self.web = None  # edge.web.server.WebServer when [web] enabled: reads what the loop hands it, never waits
+        self._frame_faces: tuple = ((), None)  # (boxes, probabilities) classified in the current frame
         self._started_mono = time.monotonic()
         self._last_stats_mono = self._last_log_stats_mono = self._started_mono
         self._frames_at_last_stats = 0
@@ -179,6 +184,12 @@ class Service:
         else:
             log.warning("MQTT disabled (mqtt.enabled = false): events are not published")
         self.updates.start(self.publisher)
+        if cfg.web.enabled:
+            from edge.web.server import WebServer  # only then: prometheus_client and the HTTP server
+
+            self.web = WebServer(cfg, STAGES, update_status=self.updates.status)
+            self.web.start()  # a port that cannot be bound is a ConfigError naming web.port
+            self.latency.observer = self.web.metrics.observe
         self.source.start()
         log.info("source %s started (device id %s)", self.source.name, cfg.device.id)
         self._started_mono = time.monotonic()
@@ -209,6 +220,10 @@ class Service:
                 except Exception as e:  # last line of defence: one bad frame never ends the daemon
                     self.error_counts["frame"] += 1
                     self.errors.error("frame", "frame %d skipped: %s: %s", frame.index, type(e).__name__, e)
+                if self.web is not None:  # references only: the web threads annotate and encode
+                    kept, probs = self._frame_faces
+                    self.web.feed.on_frame(frame.image, frame.timestamp, self.tracker.tracks(), kept, probs,
+                                           self.classifier.labels)
             now = time.monotonic()
             self.notifier.watchdog(now)
             self._housekeeping(now)
@@ -220,6 +235,7 @@ class Service:
     def _process(self, frame) -> None:
         """One frame through detect -> preprocess -> classify -> track -> publish; never raises."""
         self.frames += 1
+        self._frame_faces = ((), None)
         ts = frame.timestamp
         image = frame.image
         t_start = time.monotonic()
@@ -273,6 +289,7 @@ class Service:
                 return
             if self.updates is not None:
                 self.updates.frame_result(True)
+        self._frame_faces = (kept, probs)
         t_cls = time.monotonic()
         if crops:
             self.latency.add("classify", t_cls - t_pre)
@@ -311,6 +328,8 @@ class Service:
                 self.publisher.publish_event(payload)
             if self.homeassistant is not None:
                 self.homeassistant.on_event(payload)
+            if self.web is not None:
+                self.web.feed.on_event(payload)
             if self.cfg.service.print_events:
                 print(json.dumps(payload, separators=(",", ":")), flush=True)
             if self.event_sink is not None:
@@ -322,6 +341,8 @@ class Service:
     def _housekeeping(self, now: float) -> None:
         if self.homeassistant is not None:
             self.homeassistant.tick(now)
+        if self.web is not None and self.web.feed.state_due(now):
+            self.web.feed.publish_state(self.stats(now), now)
         interval = self.cfg.mqtt.stats_interval_s
         if interval > 0 and now - self._last_stats_mono >= interval:
             stats = self.stats(now)
@@ -384,6 +405,8 @@ class Service:
         reason = self.stop_reason or "error"
         log.info("stopping (%s)", reason)
         self.notifier.stopping(f"stopping: {reason}")
+        if self.web is not None:
+            self.web.feed.stopping(reason)  # /healthz says so while buffered events are flushed
         if self.tracker is not None and self.classifier is not None and self.source is not None:
             self._emit(self._safe_tracker("flush", time.time()))
         if self.updates is not None:
@@ -410,6 +433,8 @@ class Service:
             log.info("final stats: %s", json.dumps(final, separators=(",", ":")))
         log.info("stopped after %d frames: %d events (new %d, update %d, end %d)", self.frames,
                  sum(self.counts.values()), self.counts["new"], self.counts["update"], self.counts["end"])
+        if self.web is not None:
+            self.web.stop(reason)
 
     # --- signals and reload ------------------------------------------------------------------------
 

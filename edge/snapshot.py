@@ -102,7 +102,8 @@ def annotate(image: np.ndarray, faces: list[dict], header: list[str], min_face: 
     for i, f in enumerate(faces, 1):
         b = f["bbox"]
         cv2.rectangle(img, (b["x"], b["y"]), (b["x"] + b["w"] - 1, b["y"] + b["h"] - 1), GREEN, 2 * thick)
-        draw_label(img, f"#{i} {f['emotion']} {f['confidence']:.0%}", (b["x"], b["y"] - 2 * thick), scale, GREEN, thick)
+        text = f.get("label") or f"#{i} {f['emotion']} {f['confidence']:.0%}"  # the web preview labels by face id
+        draw_label(img, text, (b["x"], b["y"] - 2 * thick), scale, GREEN, thick)
     y = 0
     for text in header:
         (_, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
