@@ -86,8 +86,8 @@ class BenchOptions:
     every_n: list[int] = field(default_factory=lambda: [1, 3])
     backends: list[str] = field(default_factory=lambda: ["ai-edge-litert", "tflite-runtime"])
     grid: bool = False  # full cartesian product instead of one factor at a time around the baseline
-    detector: str = "haar"
-    detector_model: str = ""
+    detector: str = "yunet"
+    detector_model: str = ""  # "" = the bundled YuNet (detector "yunet")
     detect_width: int = 320
     model: str = ""  # "" = the bundled model
     compare: str = ""  # second model, run interleaved on the same crops
@@ -127,9 +127,8 @@ class BenchOptions:
         for b in self.backends:
             if b not in BACKEND_ALIASES:
                 raise BenchError(f"--backend: {b!r} is not one of {', '.join(BACKENDS)}")
-        if self.detector == "yunet" and not self.detector_model:
-            raise BenchError("--detector-model: required for --detector yunet; download face_detection_yunet_2023mar"
-                             ".onnx from the OpenCV Zoo and pass its path")
+        if self.detector not in ("yunet", "haar"):
+            raise BenchError(f"--detector: {self.detector!r} is not one of yunet, haar")
         if self.detect_width != 0 and self.detect_width < 64:
             raise BenchError(f"--detect-width: {self.detect_width} is too small; use 0 (full resolution) or >= 64")
         for label, path in (("--model", self.model), ("--compare", self.compare), ("--detector-model",
@@ -722,8 +721,8 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = lambda msg: None) 
         raise BenchError(f"--backend: none of {', '.join(opts.backends)} is installed; pip install ai-edge-litert")
     clf, load_ms = load_timed(opts.model, 1, first)
     other = load_timed(opts.compare, 1, first)[0] if opts.compare else None
-    make_detector(DetectConfig(backend=opts.detector, model_path=opts.detector_model,
-                               detect_width=opts.detect_width))
+    det = make_detector(DetectConfig(backend=opts.detector, model_path=opts.detector_model,
+                                     detect_width=opts.detect_width))
     scenarios = plan(opts)
     results = []
     t0 = time.monotonic()
@@ -750,7 +749,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = lambda msg: None) 
                       flip_average=opts.flip_average),
         "compare_model": other.info() if other is not None else None,
         "detector": {"backend": opts.detector, "detect_width": opts.detect_width,
-                     "model_path": opts.detector_model or None},
+                     "model_path": opts.detector_model or None, "runs": det.name, "reason": det.reason},
         "settings": {"iterations": opts.iterations, "warmup": opts.warmup, "grid": opts.grid,
                      "scene_frames": opts.scene_frames, "seed": opts.seed},
         "publish_measures": PUBLISH_MEASURES,

@@ -37,8 +37,10 @@ def register(subparsers) -> None:
                    help="ai-edge-litert and/or tflite-runtime (default both; a missing one is reported)")
     p.add_argument("--grid", action="store_true",
                    help="every combination of the sweeps (default: faces x resolution, then one setting at a time)")
-    p.add_argument("--detector", default="haar", choices=("haar", "yunet"), help="face detector (default haar)")
-    p.add_argument("--detector-model", default="", metavar="ONNX", help="YuNet model file (for --detector yunet)")
+    p.add_argument("--detector", default="yunet", choices=("yunet", "haar"),
+                   help="face detector (default yunet, the bundled model)")
+    p.add_argument("--detector-model", default="", metavar="ONNX",
+                   help="YuNet model file for --detector yunet (default: the bundled face_detection_yunet_2026may.onnx)")
     p.add_argument("--detect-width", type=int, default=320, metavar="PX",
                    help="detect on frames downscaled to this width (default 320; 0 = full resolution)")
     p.add_argument("--model", default="", metavar="TFLITE", help="model to benchmark (default: the bundled one)")
@@ -152,7 +154,8 @@ def format_table(report: dict) -> str:
         f"python {m['python']}, numpy {m['numpy']}, opencv {m['opencv']}, ai-edge-litert {m['ai-edge-litert']}, "
         f"tflite-runtime {m['tflite-runtime']}",
         f"model {Path(mod['path']).name} v{mod['version']} ({mod['sha256'][:12]}, input {mod['input_size']} "
-        f"{mod['input_dtype']}); detector {report['detector']['backend']} at width "
+        f"{mod['input_dtype']}); detector {report['detector'].get('runs', report['detector']['backend'])} "
+        f"({report['detector'].get('reason') or report['detector']['backend']}) at width "
         f"{report['detector']['detect_width']}",
         f"{report['settings']['iterations']} frames per scenario after {report['settings']['warmup']} warm-up, "
         "each scenario in a fresh process; times in ms as p50/p95",

@@ -2,27 +2,40 @@
 
 Two backends:
 
-* ``haar``  - OpenCV's frontal-face Haar cascade shipped inside opencv-python(-headless); no download, fast on a Pi.
-* ``yunet`` - OpenCV Zoo's YuNet ONNX model via ``cv2.FaceDetectorYN``; more robust to pose and light, needs a model file.
+* ``yunet`` (default) - OpenCV Zoo's YuNet CNN via ``cv2.FaceDetectorYN``, bundled as
+  ``edge/models/face_detection_yunet_2026may.onnx`` (MIT, provenance beside it). Finds more faces than Haar
+  (pose, light, small faces) at a lower cost per frame, and gives five landmarks per face.
+* ``haar`` - OpenCV's frontal-face Haar cascade shipped inside opencv-python(-headless).
 
-Both detect on a copy of the frame downscaled to ``detect_width`` (detection cost grows with pixel count, faces from a
-desk camera are large) and return boxes in source-resolution pixels, clipped to the frame, largest first.
+Both detect on a copy of the frame downscaled to ``detect_width`` (detection cost grows with pixel count) and return
+boxes in source-resolution pixels, clipped to the frame, largest first.
+
+Which detector runs, and why, is ``Detector.reason``: with ``model_path`` empty the bundled YuNet is used and, if it
+cannot load (an OpenCV without FaceDetectorYN, a damaged package), the daemon logs one line and runs Haar instead
+of refusing to start. A ``model_path`` the user set is a deliberate choice: if that file is missing or broken the
+config is refused (``DetectConfig.validate``, so ``config --check`` and ``run`` agree) rather than silently
+replaced by Haar.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("haar", "yunet")
+BACKENDS = ("yunet", "haar")
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
+YUNET_FILE = "face_detection_yunet_2026may.onnx"
+BUNDLED_YUNET = Path(__file__).resolve().parent / "models" / YUNET_FILE
+YUNET_MAX_BYTES = 64 * 2**20  # YuNet is ~230 KB; a huge file is a wrong path, not a face detector
 
 
 class DetectorError(Exception):
@@ -33,21 +46,18 @@ class DetectorError(Exception):
 class DetectConfig:
     """Face detection settings ([detect] section)."""
 
-    backend: str = "haar"  # "haar" | "yunet"
-    model_path: str = ""  # YuNet .onnx file; required for backend "yunet"
+    backend: str = "yunet"  # "yunet" | "haar"
+    model_path: str = ""  # YuNet .onnx file; "" = the bundled face_detection_yunet_2026may.onnx
     detect_width: int = 320  # detect on a copy downscaled to this width (keeps aspect); 0 = full resolution
-    min_face: int = 48  # smallest face kept, in source pixels (smaller crops classify poorly)
+    min_face: int = 48  # smallest face kept: longer box side in source pixels (smaller crops classify poorly)
     max_faces: int = 5  # keep at most this many faces per frame (largest first)
     score_threshold: float = 0.6  # YuNet confidence threshold
     every_n: int = 1  # run the detector every N frames; the service tracks boxes in between
 
     def validate(self) -> None:
-        """Raise ValueError("<field>: ...") for out-of-range values."""
+        """Raise ValueError("<field>: ...") for values the daemon would refuse, including an unusable model_path."""
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.backend == "yunet" and not self.model_path:
-            raise ValueError("model_path: required for backend 'yunet'; download face_detection_yunet_2023mar.onnx "
-                             "from the OpenCV Zoo and set its path")
         if self.detect_width != 0 and not 64 <= self.detect_width <= 8192:
             raise ValueError(f"detect_width: {self.detect_width} out of range; use 0 (full resolution) or 64..8192")
         if not 1 <= self.min_face <= 8192:
@@ -58,17 +68,25 @@ class DetectConfig:
             raise ValueError(f"score_threshold: {self.score_threshold} must be between 0 and 1 (exclusive)")
         if not 1 <= self.every_n <= 1000:
             raise ValueError(f"every_n: {self.every_n} must be 1..1000 (1 = detect on every frame)")
+        if self.backend == "yunet" and self.model_path:
+            try:
+                probe_yunet(self.model_path)
+            except DetectorError as e:
+                raise ValueError(f"model_path: {e}") from None
 
 
 @dataclass
 class Box:
-    """A face box in source-resolution pixels."""
+    """A face box in source-resolution pixels; YuNet adds its five landmarks (eyes, nose tip, mouth corners)."""
 
     x: int
     y: int
     w: int
     h: int
     score: float = 1.0
+    # (right eye, left eye, nose tip, right mouth corner, left mouth corner) as ((x, y), ...) in source pixels,
+    # "right" meaning the person's right (the image's left); None when the backend gives none (Haar).
+    landmarks: Optional[tuple] = None
 
     @property
     def area(self) -> int:
@@ -78,14 +96,17 @@ class Box:
 class Detector:
     """Base class: downscale, run the backend, map boxes back, clip, filter, sort, cap.
 
-    Subclasses implement ``_detect_small(small_bgr, scale) -> iterable of (x, y, w, h, score)`` in the downscaled
-    image's pixels; ``scale`` is small/source and lets a backend convert source-pixel limits.
+    Subclasses implement ``_detect_small(small_bgr, scale) -> iterable of (x, y, w, h, score, landmarks)`` in the
+    downscaled image's pixels (landmarks: 10 floats or None); ``scale`` is small/source and lets a backend convert
+    source-pixel limits. ``reason`` says why this detector runs (the doctor and the stats show it).
     """
 
     name = "detector"
 
     def __init__(self, cfg: DetectConfig):
         self.cfg = cfg
+        self.reason = ""
+        self.model_path: Optional[str] = None
         self._small: np.ndarray | None = None  # reused resize buffer
 
     def detect(self, image_bgr: np.ndarray) -> list[Box]:
@@ -99,16 +120,21 @@ class Detector:
         h, w = image_bgr.shape[:2]
         small, scale = self._downscale(image_bgr)
         boxes = []
-        for x, y, bw, bh, score in self._detect_small(small, scale):
+        for x, y, bw, bh, score, marks in self._detect_small(small, scale):
             # Map back with floor/ceil so the box never shrinks below what was detected.
             x0 = max(0, int(np.floor(x / scale)))
             y0 = max(0, int(np.floor(y / scale)))
             x1 = min(w, int(np.ceil((x + bw) / scale)))
             y1 = min(h, int(np.ceil((y + bh) / scale)))
             bw_src, bh_src = x1 - x0, y1 - y0
-            if bw_src < self.cfg.min_face or bh_src < self.cfg.min_face:
+            # crop_face squares the box on its longer side, so that side is the resolution the classifier gets
+            # (YuNet's boxes are ~0.8 as wide as tall: the shorter side would drop faces that crop well).
+            if bw_src < 1 or bh_src < 1 or max(bw_src, bh_src) < self.cfg.min_face:
                 continue
-            boxes.append(Box(x0, y0, bw_src, bh_src, float(score)))
+            lm = None
+            if marks is not None:
+                lm = tuple((float(marks[2 * k]) / scale, float(marks[2 * k + 1]) / scale) for k in range(5))
+            boxes.append(Box(x0, y0, bw_src, bh_src, float(score), lm))
         boxes.sort(key=lambda b: b.area, reverse=True)
         return boxes[: self.cfg.max_faces]
 
@@ -138,6 +164,8 @@ class HaarDetector(Detector):
         self._cascade = cv2.CascadeClassifier(path)
         if self._cascade.empty():
             raise DetectorError(f"cannot load Haar cascade {path}: reinstall opencv-python-headless")
+        self.model_path = path
+        self.reason = 'detect.backend = "haar"'
         self._gray: np.ndarray | None = None
 
     def _detect_small(self, small: np.ndarray, scale: float):
@@ -147,7 +175,52 @@ class HaarDetector(Detector):
         cv2.equalizeHist(self._gray, dst=self._gray)  # evens out exposure; the cascade is trained on equalized faces
         side = max(1, int(self.cfg.min_face * scale))
         found = self._cascade.detectMultiScale(self._gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
-        return [(x, y, w, h, 1.0) for (x, y, w, h) in found]
+        return [(x, y, w, h, 1.0, None) for (x, y, w, h) in found]
+
+
+YUNET_HINT = (f'set [detect] model_path = "" for the bundled {YUNET_FILE}, point it at a YuNet .onnx from the '
+              'OpenCV Zoo, or use backend = "haar"')
+
+
+BUNDLED_HINT = 'reinstall fer-edge (the packaged model is damaged) or set [detect] backend = "haar"'
+
+
+def _create_yunet(path: Path, size: tuple[int, int], score_threshold: float, top_k: int, hint: str = YUNET_HINT):
+    """cv2.FaceDetectorYN for ``path``, checked on one blank frame; DetectorError with the reason otherwise."""
+    if not hasattr(cv2, "FaceDetectorYN"):
+        raise DetectorError(f"this OpenCV ({cv2.__version__}) has no cv2.FaceDetectorYN: "
+                            "pip install 'opencv-python-headless>=4.10,<5'")
+    if not path.is_file():
+        raise DetectorError(f"YuNet model not found: {path}: {hint}")
+    if path.suffix.lower() != ".onnx":
+        raise DetectorError(f"YuNet model must be an .onnx file, got {path.name}: {hint}")
+    n = path.stat().st_size
+    if not 0 < n <= YUNET_MAX_BYTES:
+        raise DetectorError(f"YuNet model {path} is {n} bytes, not a YuNet model: {hint}")
+    try:
+        net = cv2.FaceDetectorYN.create(str(path), "", size, score_threshold, 0.3, top_k)
+        # A valid ONNX file that is not YuNet only fails at inference: run one blank frame now.
+        net.detect(np.zeros((size[1], size[0], 3), np.uint8))
+    except cv2.error as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DetectorError(f"YuNet model {path} is corrupt or not a YuNet ONNX model ({msg}): {hint}") from None
+    return net
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_cached(path: str, mtime_ns: int, size: int) -> None:
+    _create_yunet(Path(path), (64, 64), 0.6, 1)
+
+
+def probe_yunet(model_path: str) -> None:
+    """Load ``model_path`` once to prove it is a working YuNet model (cached per file version); DetectorError."""
+    path = Path(model_path).expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        _create_yunet(path, (64, 64), 0.6, 1)  # raises the not-found message
+        return
+    _probe_cached(str(path), st.st_mtime_ns, st.st_size)
 
 
 class YuNetDetector(Detector):
@@ -155,24 +228,14 @@ class YuNetDetector(Detector):
 
     name = "yunet"
 
-    def __init__(self, cfg: DetectConfig, top_k: int = 50):
+    def __init__(self, cfg: DetectConfig, top_k: int = 50, path: Path | str | None = None):
         super().__init__(cfg)
-        path = Path(cfg.model_path).expanduser() if cfg.model_path else None
-        hint = "download face_detection_yunet_2023mar.onnx from the OpenCV Zoo and set [detect] model_path"
-        if path is None:
-            raise DetectorError(f"YuNet needs a model file: {hint}")
-        if not path.is_file():
-            raise DetectorError(f"YuNet model not found: {path}: {hint}")
-        if path.suffix.lower() != ".onnx":
-            raise DetectorError(f"YuNet model must be an .onnx file, got {path.name}: {hint}")
+        path = Path(path or cfg.model_path or BUNDLED_YUNET).expanduser()
         self._size = (320, 320)
-        try:
-            self._net = cv2.FaceDetectorYN.create(str(path), "", self._size, cfg.score_threshold, 0.3, top_k)
-            # A valid ONNX file that is not YuNet only fails at inference: run one blank frame now.
-            self._net.detect(np.zeros((self._size[1], self._size[0], 3), np.uint8))
-        except cv2.error as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise DetectorError(f"YuNet model {path} is corrupt or not a YuNet ONNX model ({msg}): {hint}") from None
+        hint = BUNDLED_HINT if path == BUNDLED_YUNET and not cfg.model_path else YUNET_HINT
+        self._net = _create_yunet(path, self._size, cfg.score_threshold, top_k, hint)
+        self.model_path = str(path)
+        self.reason = ("bundled " + YUNET_FILE) if path == BUNDLED_YUNET else f"detect.model_path = {path}"
 
     def _detect_small(self, small: np.ndarray, scale: float):
         size = (small.shape[1], small.shape[0])
@@ -182,15 +245,27 @@ class YuNetDetector(Detector):
         _, faces = self._net.detect(small)
         if faces is None:
             return []
-        return [(float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[14])) for f in faces]
+        return [(float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[14]), f[4:14]) for f in faces]
 
 
-def make_detector(cfg: DetectConfig) -> Detector:
-    """Build the detector named by ``cfg.backend``; raises DetectorError with an actionable message."""
+def make_detector(cfg: DetectConfig, bundled: Path | None = None) -> Detector:
+    """Build the detector named by ``cfg.backend``; raises DetectorError with an actionable message.
+
+    With backend "yunet" and no model_path, a bundled model that cannot load falls back to Haar (one warning,
+    ``reason`` says why). ``bundled`` replaces the packaged model file (tests).
+    """
     try:
         cfg.validate()
     except ValueError as e:
         raise DetectorError(str(e)) from None
-    if cfg.backend == "yunet":
+    if cfg.backend == "haar":
+        return HaarDetector(cfg)
+    if cfg.model_path:
         return YuNetDetector(cfg)
-    return HaarDetector(cfg)
+    try:
+        return YuNetDetector(cfg, path=bundled or BUNDLED_YUNET)
+    except DetectorError as e:
+        log.warning("detector: bundled YuNet unavailable, falling back to Haar: %s", e)
+        det = HaarDetector(cfg)
+        det.reason = f"fallback from YuNet: {e}"
+        return det

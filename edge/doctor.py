@@ -205,14 +205,24 @@ def model_quality(manifest: dict) -> str:
 
 
 def check_detector(detect_cfg) -> tuple[Check, object]:
-    """Build the face detector; returns (check, detector or None)."""
+    """Build the face detector the daemon would run; returns (check, detector or None).
+
+    WARN when the bundled YuNet could not load and the daemon would fall back to Haar (it still runs, but finds
+    fewer faces); the line always says which detector runs and why.
+    """
     from edge.detect import DetectorError, make_detector
 
     try:
         det = make_detector(detect_cfg)
     except DetectorError as e:
-        return Check("detector", FAIL, str(e), "fix detect.model_path or use detect.backend = \"haar\""), None
-    return Check("detector", OK, f"{det.name} (detect_width {detect_cfg.detect_width}, min_face {detect_cfg.min_face})"), det
+        return Check("detector", FAIL, str(e), "fix detect.model_path (\"\" = the bundled YuNet) or use "
+                                               "detect.backend = \"haar\""), None
+    what = (f"{det.name}: {det.reason} (detect_width {detect_cfg.detect_width}, min_face {detect_cfg.min_face}"
+            + (f", score_threshold {detect_cfg.score_threshold:g})" if det.name == "yunet" else ")"))
+    if det.name != detect_cfg.backend:
+        return Check("detector", WARN, what, "pip install 'opencv-python-headless>=4.10,<5' (has "
+                                             "cv2.FaceDetectorYN) or reinstall fer-edge"), det
+    return Check("detector", OK, what), det
 
 
 def is_camera(source_cfg) -> bool:

@@ -170,7 +170,7 @@ class Service:
         log.debug("model input %dx%d, margin %.2f, labels %s", self.classifier.input_size,
                   self.classifier.input_size, self.classifier.margin, ",".join(self.classifier.labels))
         self.detector = make_detector(cfg.detect)
-        log.info("detector %s (detect_width %d, every_n %d)", self.detector.name,
+        log.info("detector %s: %s (detect_width %d, every_n %d)", self.detector.name, self.detector.reason,
                  cfg.detect.detect_width, cfg.detect.every_n)
         # Build the source before going online so a source that can never work fails before "online".
         self.source = open_source(cfg.source)
@@ -375,6 +375,7 @@ class Service:
             "faces_in_view": self.tracker.active if self.tracker is not None else 0,
             "latency_ms": self.latency.summary(),
             "detector": self.detector.name if self.detector is not None else None,
+            "detector_reason": getattr(self.detector, "reason", None),
             "backend": self.classifier.backend if self.classifier is not None else None,
             "model": {"version": self.classifier.version, "sha256": self.classifier.sha256}
             if self.classifier is not None else None,
