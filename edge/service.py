@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 STAGES = ("capture_wait", "detect", "preprocess", "classify", "track_publish", "total")
 # Keys that SIGHUP can apply without restarting (whole sections end with '.').
 LIVE_KEYS = ("track.", "detect.", "mqtt.stats_interval_s", "service.", "model.flip_average")
+# Exit status when events were lost: dropped from a full outbox or still undelivered at the end of the
+# shutdown flush (service.shutdown_timeout_s). 2 stays "configuration/model error" (no restart by systemd).
+EXIT_EVENTS_LOST = 3
 SECRET_KEYS = {"mqtt.password", "web.password_hash"}
 
 
@@ -119,6 +122,7 @@ class Service:
         self.frames = 0
         self.detections = 0
         self.stop_reason: str | None = None
+        self.events_lost = 0  # set at shutdown: events that never reached the broker (exit status 3 if any)
         self._reload_requested = False
         self._stop_event = threading.Event()
         self.classifier = self.detector = self.tracker = self.publisher = self.source = None
@@ -160,7 +164,7 @@ class Service:
         finally:
             self._restore_signal_handlers(previous)
             self.notifier.close()
-        return 0
+        return EXIT_EVENTS_LOST if self.events_lost else 0
 
     def _start(self) -> None:
         cfg = self.cfg
@@ -423,13 +427,17 @@ class Service:
                 self.publisher.publish("stats", final)
             if self.homeassistant is not None:
                 self.homeassistant.close()  # final state (nobody in view) before "offline"
-            self.publisher.stop(timeout=self.cfg.service.shutdown_timeout_s)
+            unsent = self.publisher.stop(timeout=self.cfg.service.shutdown_timeout_s)
             mq = self.publisher.stats()
             if final is not None:
                 final["mqtt"] = mq
-            if mq["buffered"]:
-                log.warning("%d events could not be delivered within %.1fs (broker unreachable?)",
-                            mq["buffered"], self.cfg.service.shutdown_timeout_s)
+            self.events_lost = unsent + mq["dropped"]
+            if self.events_lost:
+                by_type = ", ".join(f"{k} {n}" for k, n in sorted(self.publisher.dropped_by_type().items()))
+                log.error("%d events lost: %d not delivered within service.shutdown_timeout_s = %gs (broker "
+                          "unreachable?), %d dropped earlier%s; exit status %d", self.events_lost, unsent,
+                          self.cfg.service.shutdown_timeout_s, mq["dropped"], f" ({by_type})" if by_type else "",
+                          EXIT_EVENTS_LOST)
         if final is not None:
             log.info("final stats: %s", json.dumps(final, separators=(",", ":")))
         log.info("stopped after %d frames: %d events (new %d, update %d, end %d)", self.frames,
