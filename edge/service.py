@@ -122,6 +122,8 @@ class Service:
         self.frames = 0
         self.detections = 0
         self.stop_reason: str | None = None
+        self.exit_code = 0  # 1 when the daemon ends itself because the source is stuck (no watchdog)
+        self._source_stalled = False  # the stall has been reported
         self.events_lost = 0  # set at shutdown: events that never reached the broker (exit status 3 if any)
         self._reload_requested = False
         self._stop_event = threading.Event()
@@ -164,7 +166,7 @@ class Service:
         finally:
             self._restore_signal_handlers(previous)
             self.notifier.close()
-        return EXIT_EVENTS_LOST if self.events_lost else 0
+        return self.exit_code or (EXIT_EVENTS_LOST if self.events_lost else 0)
 
     def _start(self) -> None:
         cfg = self.cfg
@@ -229,12 +231,38 @@ class Service:
                     self.web.feed.on_frame(frame.image, frame.timestamp, self.tracker.tracks(), kept, probs,
                                            self.classifier.labels)
             now = time.monotonic()
-            self.notifier.watchdog(now)
+            self._feed_watchdog(now)
             self._housekeeping(now)
             if svc.max_frames and self.frames >= svc.max_frames:
                 self.stop(f"max_frames {svc.max_frames} reached")
             elif svc.duration_s and now - self._started_mono >= svc.duration_s:
                 self.stop(f"duration {svc.duration_s:g}s reached")
+
+    def _feed_watchdog(self, now: float) -> None:
+        """WATCHDOG=1 only while the capture thread makes progress (frames, or reconnect attempts that return).
+
+        A capture thread stuck inside a driver call cannot be interrupted: the pings stop and systemd restarts the
+        daemon (SIGABRT; faulthandler writes every thread's stack to the journal first). Without a watchdog
+        (WATCHDOG_USEC unset: a terminal, a container) the daemon exits 1 instead, for Restart=on-failure or the
+        container's restart policy; a stuck source never leaves a running daemon that publishes nothing.
+        """
+        src = self.source
+        if src is None or not src.stalled(now):
+            self._source_stalled = False
+            self.notifier.watchdog(now)
+            return
+        if self._source_stalled:
+            return
+        self._source_stalled = True
+        why = src.health(now)["error"]
+        if self.notifier.watchdog_interval is not None:
+            log.error("source %s stalled: %s; no more watchdog pings, systemd will restart fer-edge", src.name, why)
+            self.notifier.status(f"source {src.name} stalled: {why}; waiting for the watchdog restart")
+        else:
+            log.error("source %s stalled: %s; exiting (status 1) so the service manager restarts fer-edge",
+                      src.name, why)
+            self.exit_code = 1
+            self.stop("source stalled")
 
     def _process(self, frame) -> None:
         """One frame through detect -> preprocess -> classify -> track -> publish; never raises."""
@@ -386,6 +414,8 @@ class Service:
             "source": {
                 "name": src.name if src is not None else None,
                 "connected": bool(src.connected) if src is not None else False,
+                # "up", "starting", "no camera", "down", "stalled" or "finished"; error says why it is not up
+                **(src.health(now) if src is not None else {"status": "down", "error": None}),
                 "reconnects": src.reconnects if src is not None else 0,
                 "dropped_frames": src.dropped if src is not None else 0,
             },
@@ -404,7 +434,14 @@ class Service:
         n, ev = s["faces_in_view"], s["events"]["produced"]
         return (f"{s['fps']:.1f} fps, {n} face{'' if n == 1 else 's'}, {ev} event{'' if ev == 1 else 's'}, "
                 f"p50 {total if total is not None else '-'} ms, "
-                f"source {'up' if s['source']['connected'] else 'DOWN'}, {mq_txt}")
+                f"{Service._source_text(s['source'])}, {mq_txt}")
+
+    @staticmethod
+    def _source_text(src: dict[str, Any]) -> str:
+        status = src.get("status") or ("up" if src["connected"] else "down")
+        if status in ("up", "starting"):
+            return f"source {status}"
+        return f"source DOWN ({status}" + (f": {src['error']}" if src.get("error") else "") + ")"
 
     def _shutdown(self) -> None:
         reason = self.stop_reason or "error"

@@ -2,8 +2,16 @@
 
 Every source captures in its own daemon thread into a one-slot buffer that keeps only the newest frame, so a slow
 pipeline always works on the present instead of a growing backlog; frames overwritten before being read are counted
-as ``dropped``. Rotation and flip are applied in the capture thread. A camera or stream that fails to open or stops
-delivering is reopened with exponential backoff; nothing raises into the pipeline.
+as ``dropped``. Rotation and flip are applied in the capture thread (by libcamera for picamera2 where it can). A
+camera or stream that fails to open or stops delivering is reopened with exponential backoff; nothing raises into
+the pipeline.
+
+A camera can also hang inside a driver call. Every read has a timeout where the driver offers one (picamera2's
+``wait=``): a read that times out is a failed read and goes down the reconnect path. A call that never returns
+(a driver stuck in the kernel, no timeout) cannot be interrupted from Python, so the source records which call is
+running since when: ``stalled`` turns true once one call has run ``stall_timeout_s``, and the daemon then stops
+feeding the systemd watchdog, which restarts it. ``status`` says what state the source is in ("up", "no camera",
+"down", "stalled", ...), ``last_error`` why.
 
 ``fps`` and ``realtime`` by kind:
 
@@ -46,6 +54,10 @@ class SourceError(RuntimeError):
     """A source that can never work as configured (e.g. picamera2 missing); the message says what to do."""
 
 
+class NoCamera(OSError):
+    """No camera is attached where the source looks (libcamera lists none, no /dev/videoN): status "no camera"."""
+
+
 @dataclass
 class SourceConfig:
     """Where frames come from ([source] section). See the module docstring for fps/realtime per kind."""
@@ -61,6 +73,8 @@ class SourceConfig:
     realtime: bool = True  # finite sources: pace like a camera (True) or hand over every frame losslessly (False)
     reconnect_min_s: float = 0.5  # first retry delay after a camera/stream failure
     reconnect_max_s: float = 30.0  # retry delay cap (doubles each failure)
+    frame_timeout_s: float = 10.0  # cameras: a read with no frame for this long fails (reconnect)
+    stall_timeout_s: float = 30.0  # one driver call running this long = stuck: the daemon stops the watchdog pings
 
     def validate(self) -> None:
         """Raise ValueError("<field>: ...") for bad values."""
@@ -91,6 +105,11 @@ class SourceConfig:
         if not self.reconnect_min_s <= self.reconnect_max_s <= 3600:
             raise ValueError(f"reconnect_max_s: {self.reconnect_max_s} must be reconnect_min_s "
                              f"({self.reconnect_min_s})..3600 s")
+        if not 0.05 <= self.frame_timeout_s <= 600:
+            raise ValueError(f"frame_timeout_s: {self.frame_timeout_s} must be 0.05..600 seconds")
+        if not self.frame_timeout_s <= self.stall_timeout_s <= 3600:
+            raise ValueError(f"stall_timeout_s: {self.stall_timeout_s} must be >= frame_timeout_s "
+                             f"({self.frame_timeout_s}) and <= 3600 seconds")
 
 
 @dataclass
@@ -113,11 +132,13 @@ def redact(uri: str) -> str:
 class _Backend:
     live = True  # camera/stream: a failed read means reconnect; finite: it means the end
     native_fps = 0.0
+    transforms = False  # True: the device already applied cfg.rotate/cfg.flip
 
     def open(self) -> None:
         raise NotImplementedError
 
-    def read(self) -> Optional[np.ndarray]:
+    def read(self, timeout: float) -> Optional[np.ndarray]:
+        """The next image; ``timeout`` bounds the wait where the driver can (cameras)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -135,6 +156,9 @@ class _OpenCVBackend(_Backend):
     def open(self) -> None:
         if not self.live and not os.path.isfile(self.uri):
             raise OSError(f"video file not found: {self.uri}")
+        dev = f"/dev/video{self.uri}" if self.uri.isdigit() else self.uri
+        if self.camera and os.path.isdir("/dev") and not os.path.exists(dev):
+            raise NoCamera(f"no camera connected: {dev} does not exist")
         cap = cv2.VideoCapture(int(self.uri) if self.uri.isdigit() else self.uri)
         if not cap.isOpened():
             cap.release()
@@ -149,7 +173,9 @@ class _OpenCVBackend(_Backend):
         self.native_fps = fps if 0 < fps < 1000 else 25.0
         self.cap = cap
 
-    def read(self) -> Optional[np.ndarray]:
+    def read(self, timeout: float) -> Optional[np.ndarray]:
+        # No per-call timeout in cv2.VideoCapture.read (V4L2 gives up after its own 10 s select, FFmpeg streams
+        # after 30 s); a read stuck beyond that is caught by the stall check.
         ok, img = self.cap.read()
         return img if ok and img is not None and img.size else None
 
@@ -180,7 +206,7 @@ class _ImagesBackend(_Backend):
         self.paths = sorted(paths)
         self.pos = 0
 
-    def read(self) -> Optional[np.ndarray]:
+    def read(self, timeout: float) -> Optional[np.ndarray]:
         while self.pos < len(self.paths):
             path = self.paths[self.pos]
             self.pos += 1
@@ -192,27 +218,57 @@ class _ImagesBackend(_Backend):
 
 
 class _Picamera2Backend(_Backend):
-    def __init__(self, cfg: SourceConfig, picamera2_cls):
+    """Thin adapter over picamera2 (the real API: Picamera2.global_camera_info, create_video_configuration,
+    capture_array(wait=seconds) which raises TimeoutError, libcamera.Transform)."""
+
+    BUFFERS = 3  # picamera2's video default is 6; we only ever want the newest frame
+    DEFAULT_FPS = 15.0  # fps = 0: enough for the pipeline on a Pi 4/5 (see README), half the sensor's default 30
+
+    def __init__(self, cfg: SourceConfig, picamera2_cls, transform_cls=None):
         self.cfg = cfg
         self.cls = picamera2_cls
+        self.transform_cls = transform_cls
         self.cam = None
+        # libcamera flips in the ISP for free; 90/270 degree turns need a transpose it cannot do on a Pi.
+        self.transforms = transform_cls is not None and cfg.rotate in (0, 180)
+
+    def _transform(self):
+        turn = self.cfg.rotate == 180  # = hflip + vflip
+        h = turn ^ (self.cfg.flip in ("horizontal", "both"))
+        v = turn ^ (self.cfg.flip in ("vertical", "both"))
+        return self.transform_cls(hflip=int(h), vflip=int(v))
 
     def open(self) -> None:
-        cam = self.cls(int(self.cfg.uri or 0))
+        num = int(self.cfg.uri or 0)
+        # Ask libcamera first: a Picamera2() that finds no camera leaks a descriptor each time (upstream opens
+        # a pipe before looking the camera up), and we retry for as long as the daemon runs.
+        cameras = self.cls.global_camera_info()
+        if num >= len(cameras):
+            listed = ", ".join(str(c.get("Model", "?")) for c in cameras) or "none"
+            raise NoCamera(f"no camera connected: libcamera lists {listed}, camera {num} wanted "
+                           "(check the ribbon cable; rpicam-hello --list-cameras)")
+        cam = self.cls(num)
         try:
+            fps = self.cfg.fps or self.DEFAULT_FPS
+            frame_us = int(round(1e6 / fps))
             # "RGB888" is libcamera's name for 24-bit pixels stored B,G,R in memory: exactly OpenCV's BGR order.
-            kwargs = {"main": {"size": (self.cfg.width, self.cfg.height), "format": "RGB888"}}
-            if self.cfg.fps > 0:
-                kwargs["controls"] = {"FrameRate": float(self.cfg.fps)}
+            kwargs = {"main": {"size": (self.cfg.width, self.cfg.height), "format": "RGB888"},
+                      "controls": {"FrameDurationLimits": (frame_us, frame_us)},
+                      "buffer_count": self.BUFFERS,
+                      # queue=False: a capture waits for the next frame instead of returning a queued, older one.
+                      "queue": False}
+            if self.transforms:
+                kwargs["transform"] = self._transform()
             cam.configure(cam.create_video_configuration(**kwargs))
             cam.start()
         except Exception:
             cam.close()
             raise
         self.cam = cam
+        self.native_fps = fps
 
-    def read(self) -> Optional[np.ndarray]:
-        img = self.cam.capture_array("main")
+    def read(self, timeout: float) -> Optional[np.ndarray]:
+        img = self.cam.capture_array("main", wait=timeout)  # raises TimeoutError when no frame comes in time
         return img if img is not None and img.size else None
 
     def close(self) -> None:
@@ -226,11 +282,16 @@ class _Picamera2Backend(_Backend):
 
 
 def _import_picamera2():
+    """(Picamera2, libcamera.Transform or None)."""
     try:
         from picamera2 import Picamera2  # Pi-only; imported lazily so the rest runs anywhere
     except ImportError:
         raise SourceError(PICAMERA2_MISSING) from None
-    return Picamera2
+    try:
+        from libcamera import Transform
+    except ImportError:  # flips then happen per frame in Python
+        Transform = None
+    return Picamera2, Transform
 
 
 class Source:
@@ -246,6 +307,9 @@ class Source:
         self._thread: Optional[threading.Thread] = None
         self._exhausted = False
         self._connected = False
+        self._state = "starting"
+        self.last_error = ""  # why the source is down / last failure, "" when none yet
+        self._busy: Optional[tuple[str, float]] = None  # (driver call, monotonic start) while one runs
         self.dropped = 0
         self.reconnects = 0  # reopen attempts after a failure
         self.frames = 0  # frames captured
@@ -259,6 +323,32 @@ class Source:
     def connected(self) -> bool:
         """True while the device/stream/file is open and delivering."""
         return self._connected
+
+    def stalled_for(self, now: Optional[float] = None) -> float:
+        """Seconds the capture thread has been inside its current driver call (0 when not in one)."""
+        busy = self._busy
+        if busy is None:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - busy[1])
+
+    def stalled(self, now: Optional[float] = None) -> bool:
+        """True when one driver call has run stall_timeout_s: the thread is stuck and only a restart helps."""
+        return self.stalled_for(now) >= self.cfg.stall_timeout_s
+
+    @property
+    def status(self) -> str:
+        """"starting", "up", "no camera", "down", "stalled" or "finished" (see last_error for why)."""
+        if self.stalled():
+            return "stalled"
+        return self._state
+
+    def health(self, now: Optional[float] = None) -> dict:
+        """status, last_error and, when stuck, which call for how long: for stats and doctor."""
+        out = {"status": self.status, "error": self.last_error or None}
+        busy = self._busy
+        if busy is not None and self.stalled(now):
+            out["error"] = f"{busy[0]}() has not returned for {self.stalled_for(now):.0f} s"
+        return out
 
     @property
     def finished(self) -> bool:
@@ -305,18 +395,32 @@ class Source:
 
     # -- capture thread --
 
+    def _call(self, name: str, fn):
+        """Run one driver call, recording it for the stall check."""
+        self._busy = (name, time.monotonic())
+        try:
+            return fn()
+        finally:
+            self._busy = None
+
+    def _failed(self, e: object) -> None:
+        self._connected = False
+        self._state = "no camera" if isinstance(e, NoCamera) else "down"
+        self.last_error = str(e) or type(e).__name__
+
     def _on_bad_image(self, path: str) -> None:
         self.bad_images += 1
         log.warning("source %s: skipping unreadable image %s", self.name, path)
 
     def _put(self, img: np.ndarray) -> None:
         img = _to_bgr(img)
-        rot = ROTATIONS[self.cfg.rotate]
-        if rot is not None:
-            img = cv2.rotate(img, rot)
-        flip = FLIPS[self.cfg.flip]
-        if flip is not None:
-            img = cv2.flip(img, flip)
+        if not self._backend.transforms:
+            rot = ROTATIONS[self.cfg.rotate]
+            if rot is not None:
+                img = cv2.rotate(img, rot)
+            flip = FLIPS[self.cfg.flip]
+            if flip is not None:
+                img = cv2.flip(img, flip)
         lossless = not self._backend.live and not self.cfg.realtime
         with self._cond:
             while lossless and self._slot is not None and not self._stop.is_set():
@@ -338,7 +442,7 @@ class Source:
             while not self._stop.is_set():
                 if not opened:
                     try:
-                        backend.open()
+                        self._call("open", backend.open)
                     except SourceError:
                         raise
                     except Exception as e:
@@ -346,7 +450,7 @@ class Source:
                             log.warning("source %s: %s; retrying every %.1f-%.0f s", self.name, e,
                                         self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
                         failing = True
-                        self._connected = False
+                        self._failed(e)
                         if self._stop.wait(delay):
                             break
                         delay = min(delay * 2, self.cfg.reconnect_max_s)
@@ -357,19 +461,21 @@ class Source:
                     self._connected = True
                 err: object = "no frame"
                 try:
-                    img = backend.read()
+                    img = self._call("read", lambda: backend.read(self.cfg.frame_timeout_s))
                 except Exception as e:
                     if not backend.live:
                         raise
                     img, err = None, e
                 if img is None:
-                    backend.close()
+                    self._call("close", backend.close)
                     opened = False
                     self._connected = False
                     if backend.live:
+                        why = f"{type(err).__name__}: {err}" if isinstance(err, Exception) else err
                         if not failing:
-                            log.warning("source %s: stopped delivering frames (%s); reconnecting", self.name, err)
+                            log.warning("source %s: stopped delivering frames (%s); reconnecting", self.name, why)
                         failing = True
+                        self._failed(f"stopped delivering frames ({why})")
                         if self._stop.wait(delay):
                             break
                         delay = min(delay * 2, self.cfg.reconnect_max_s)
@@ -387,6 +493,7 @@ class Source:
                 if failing:  # only a delivered frame proves recovery (some cameras open, then fail every read)
                     log.info("source %s: receiving frames again", self.name)
                     failing = False
+                self._state = "up"
                 delay = self.cfg.reconnect_min_s
                 pass_frames += 1
                 if not backend.live and self.cfg.realtime:
@@ -400,6 +507,7 @@ class Source:
             self._connected = False
 
     def _end(self) -> None:
+        self._state = "finished"
         with self._cond:
             self._exhausted = True
             self._cond.notify_all()
@@ -439,7 +547,12 @@ def open_source(cfg: SourceConfig) -> Source:
     if cfg.kind == "opencv":
         backend = _OpenCVBackend(cfg, cfg.uri)
         kind = "camera" if backend.camera else "stream" if backend.live else "file"
+        if kind == "file" and not os.path.exists(os.path.expanduser(cfg.uri)):
+            # A file that is not there at start is a typo or a missing mount, not a camera that may come back:
+            # fail now (exit 2, which systemd does not restart) instead of running "online" at 0 fps forever.
+            # A file that disappears while running is retried like a camera.
+            raise SourceError(f"video file not found: {cfg.uri}; fix source.uri (a camera is \"0\" or /dev/videoN)")
         return Source(cfg, backend, f"{kind}:{redact(cfg.uri)}")
     if cfg.kind == "images":
         return Source(cfg, _ImagesBackend(cfg), f"images:{cfg.uri}")
-    return Source(cfg, _Picamera2Backend(cfg, _import_picamera2()), f"picamera2:{cfg.uri or 0}")
+    return Source(cfg, _Picamera2Backend(cfg, *_import_picamera2()), f"picamera2:{cfg.uri or 0}")

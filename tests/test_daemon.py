@@ -237,7 +237,8 @@ def test_events_status_stats_reload_and_sigterm(broker, subscriber, tmp_path, va
         lat = s["latency_ms"][stage]
         assert lat["p50_ms"] is not None and 0 <= lat["p50_ms"] <= lat["p95_ms"], (stage, lat)
     assert s["source"]["name"] == "demo" and s["source"]["reconnects"] == 0
-    assert set(s["source"]) == {"name", "connected", "reconnects", "dropped_frames"}
+    assert set(s["source"]) == {"name", "connected", "status", "error", "reconnects", "dropped_frames"}
+    assert s["source"]["status"] in ("up", "finished") and s["source"]["error"] is None
     assert s["model"]["sha256"] and len(s["model"]["sha256"]) == 64
     assert set(s["mqtt"]) >= {"connected", "buffered", "dropped", "sent", "reconnects"}
     assert s["cpu_temp_c"] is None or 0 < s["cpu_temp_c"] < 120
@@ -420,6 +421,8 @@ def test_dead_camera_keeps_running_and_stats_say_disconnected():
     s = svc.stats()
     assert s["frames"] == 0 and s["source"]["connected"] is False and s["source"]["reconnects"] >= 1
     assert s["fps"] == 0
+    assert s["source"]["status"] == "no camera"  # down and why, not "online" at 0 fps
+    assert s["source"]["error"] == "no camera connected: /dev/video-fer-edge-missing does not exist"
 
 
 # --- sd_notify ------------------------------------------------------------------------------------------------

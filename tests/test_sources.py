@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.sources import DEMO_CLIP, Frame, SourceConfig, SourceError, open_source, redact
+from edge.sources import (DEMO_CLIP, Frame, NoCamera, SourceConfig, SourceError, _Picamera2Backend, open_source,
+                          redact)
 
 FAKE_PICAMERA2 = Path(__file__).resolve().parent / "fake_picamera2"
 
@@ -147,15 +149,23 @@ def test_slow_reader_gets_newest_frames_and_drops_are_counted(tmp_path):
     assert idx[-1] == 39  # the newest frame is never lost
 
 
+def test_missing_video_file_fails_at_start(tmp_path):
+    """A file source that is not there at start is a config error (exit 2), not a source "online" at 0 fps."""
+    with pytest.raises(SourceError, match="video file not found: .*nope.mp4; fix source.uri"):
+        open_source(SourceConfig(kind="opencv", uri=str(tmp_path / "nope.mp4")))
+
+
 def test_vanished_file_retries_then_recovers(tmp_path, caplog):
     clip = write_video(tmp_path / "clip.mp4", 10)
     data = clip.read_bytes()
-    clip.unlink()
     caplog.set_level(logging.WARNING, logger="edge.sources")
     cfg = SourceConfig(kind="opencv", uri=str(clip), realtime=False, reconnect_min_s=0.05, reconnect_max_s=0.1)
-    with open_source(cfg) as src:
+    src = open_source(cfg)
+    clip.unlink()  # gone after start (an unmounted USB stick): retried like a camera, reported down
+    with src:
         assert wait_for(lambda: src.reconnects >= 3)
         assert not src.connected and not src.finished
+        assert src.status == "down" and "not found" in src.last_error
         assert src.read(0.1) is None
         warnings = [r for r in caplog.records if "not found" in r.getMessage()]
         assert len(warnings) == 1  # logged once, not per retry
@@ -173,6 +183,7 @@ def test_missing_camera_reports_disconnected_without_raising():
         assert wait_for(lambda: src.reconnects >= 2)
         assert not src.connected and not src.finished
         assert src.read(0.05) is None
+        assert src.status == "no camera" and src.last_error == "no camera connected: /dev/video97 does not exist"
     finally:
         t0 = time.monotonic()
         src.stop()
@@ -199,7 +210,10 @@ def test_picamera2_adapter(picamera2):
         assert src.connected and src.name == "picamera2:0"
     cam = picamera2.INSTANCES[0]
     assert cam.config["main"] == {"size": (320, 240), "format": "RGB888"}
-    assert cam.config["controls"] == {"FrameRate": 50.0}
+    assert cam.config["controls"] == {"FrameDurationLimits": (20000, 20000)}  # 50 fps, fixed
+    assert cam.config["buffer_count"] == 3 and cam.config["queue"] is False  # newest frame, little memory
+    t = cam.config["transform"]  # rotate 180 (= both flips) then flip horizontally = vertical flip, in libcamera
+    assert (t.hflip, t.vflip, t.transpose) == (0, 1, 0)
     assert cam.calls[:3] == ["create_video_configuration", "configure", "start"]
     assert cam.calls[-2:] == ["stop", "close"] and cam.closed
     for f in frames:
@@ -216,7 +230,7 @@ def test_picamera2_failure_reconnects_with_a_new_camera_object(picamera2, caplog
     caplog.set_level(logging.INFO, logger="edge.sources")
     cfg = SourceConfig(kind="picamera2", reconnect_min_s=0.05, reconnect_max_s=0.1)
     with open_source(cfg) as src:
-        assert wait_for(lambda: picamera2.INSTANCES[0].closed)  # failed after 3 frames and was released
+        assert wait_for(lambda: picamera2.INSTANCES and picamera2.INSTANCES[0].closed)  # failed after 3 frames, released
         picamera2.CAMERAS = 0  # ... and the camera is gone for a while
         assert wait_for(lambda: src.reconnects >= 3)
         assert not src.connected and src.read(0.05) is not None  # the newest pre-failure frame is still handed over
@@ -236,6 +250,75 @@ def test_picamera2_absent_camera_retries(picamera2):
     with open_source(SourceConfig(kind="picamera2", reconnect_min_s=0.05, reconnect_max_s=0.1)) as src:
         assert wait_for(lambda: src.reconnects >= 2)
         assert not src.connected and src.read(0.05) is None
+        assert src.status == "no camera" and src.last_error.startswith("no camera connected: libcamera lists none")
+    assert picamera2.INSTANCES == []  # never opened: discovery came first
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc/self/fd to count descriptors")
+def test_picamera2_no_descriptor_growth_over_1000_failed_opens(picamera2):
+    picamera2.CAMERAS = 0
+    before = open_fds()
+    for _ in range(10):  # the leak this guards against, as upstream has it: two descriptors per failed Picamera2()
+        with pytest.raises(IndexError):
+            picamera2.Picamera2(0)
+    assert open_fds() == before + 20
+    picamera2.reset()
+    picamera2.CAMERAS = 0
+    before = open_fds()
+    backend = _Picamera2Backend(SourceConfig(kind="picamera2"), picamera2.Picamera2)
+    for _ in range(1000):
+        with pytest.raises(NoCamera):
+            backend.open()
+    assert open_fds() == before
+
+
+def test_picamera2_defaults_and_python_side_turns(picamera2):
+    cfg = SourceConfig(kind="picamera2", width=64, height=48, rotate=90)
+    with open_source(cfg) as src:
+        f = src.read(2.0)
+    cam = picamera2.INSTANCES[0]
+    assert cam.config["controls"] == {"FrameDurationLimits": (66667, 66667)}  # fps 0: 15 fps, not the sensor's 30
+    assert cam.config["transform"] is None  # libcamera on a Pi cannot transpose: 90 degrees are turned in Python
+    assert f.image.shape == (64, 48, 3)
+
+
+def test_picamera2_silent_camera_times_out_and_reconnects(picamera2, caplog):
+    """A camera that stops delivering: capture_array(wait=) times out, which is a failed read -> reconnect."""
+    picamera2.STALL_AFTER = 0
+    caplog.set_level(logging.INFO, logger="edge.sources")
+    cfg = SourceConfig(kind="picamera2", frame_timeout_s=0.1, stall_timeout_s=30, reconnect_min_s=0.05,
+                       reconnect_max_s=0.1)
+    with open_source(cfg) as src:
+        assert wait_for(lambda: src.reconnects >= 2, timeout=30)
+        assert src.status == "down" and src.last_error.startswith("stopped delivering frames (TimeoutError: ")
+        assert len(picamera2.INSTANCES) >= 2 and picamera2.INSTANCES[0].closed  # released, reopened
+        assert not src.stalled()
+        picamera2.STALL_AFTER = None  # frames again
+        assert wait_for(lambda: src.status == "up", timeout=30)
+        assert src.read(2.0) is not None
+    assert any("stopped delivering frames (TimeoutError: " in r.getMessage() for r in caplog.records)
+
+
+def test_picamera2_hung_driver_call_is_reported_stalled(picamera2):
+    """A capture that never returns (no timeout helps) cannot be interrupted: the source says it is stalled."""
+    picamera2.HANG_AFTER = 2
+    cfg = SourceConfig(kind="picamera2", frame_timeout_s=0.1, stall_timeout_s=0.3)
+    src = open_source(cfg).start()
+    try:
+        assert picamera2.HANGING.wait(30)
+        assert wait_for(src.stalled, timeout=30)
+        assert src.status == "stalled"
+        health = src.health()
+        assert health["status"] == "stalled" and health["error"].startswith("read() has not returned for")
+        assert src.stalled_for() >= 0.3
+    finally:
+        picamera2.RELEASE.set()
+        src.stop()
+    assert not src.stalled()
 
 
 def test_picamera2_not_installed(monkeypatch):

@@ -263,3 +263,88 @@ def test_notify_ready_watchdog_and_stall(broker, subscriber, tmp_path):
             proc.kill()
             proc.wait(10)
         systemd.close()
+
+
+# --- a camera that hangs inside the driver (fake picamera2) ---------------------------------------------------
+
+FAKE_PICAMERA2 = Path(__file__).resolve().parent / "fake_picamera2"
+
+
+def start_picamera2_daemon(tmp_path: Path, systemd: "FakeSystemd | None", watchdog: bool, **fake: str):
+    """`fer-edge run` on the fake picamera2 (knobs as FAKE_PICAMERA2_* variables), MQTT off; (process, log)."""
+    conf = tmp_path / "config.toml"
+    conf.write_text(
+        f'[device]\nid = "t-hang"\nstate_dir = "{tmp_path}"\n'
+        '[source]\nkind = "picamera2"\nwidth = 320\nheight = 240\nfps = 20\n'
+        'frame_timeout_s = 0.2\nstall_timeout_s = 1.0\nreconnect_min_s = 0.05\nreconnect_max_s = 0.2\n'
+        '[mqtt]\nenabled = false\nstats_interval_s = 0.0\n'
+        '[service]\nlog_stats_interval_s = 0.0\nread_timeout_s = 0.2\n')
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NOTIFY_", "WATCHDOG_", "JOURNAL_", "FER_EDGE_", "FAKE_PICAMERA2_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(FAKE_PICAMERA2)])
+    env.update({f"FAKE_PICAMERA2_{k.upper()}": v for k, v in fake.items()})
+    if systemd is not None:
+        env["NOTIFY_SOCKET"] = str(systemd.path)
+    if watchdog:
+        env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "-c", str(conf)], cwd=str(tmp_path),
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return proc, lambda: log_path.read_text(errors="replace")[-4000:]
+
+
+def stop_daemon(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_hung_camera_stops_the_watchdog(tmp_path):
+    """capture_array stuck in the driver (ignoring wait=) after 20 frames: the pings stop, so systemd restarts."""
+    systemd = FakeSystemd(tmp_path / "notify")
+    proc, log = start_picamera2_daemon(tmp_path, systemd, watchdog=True, hang_after="20")
+    try:
+        assert systemd.wait(lambda: any(m.startswith("READY=1") for _, _, m in systemd.messages()), 90), log()
+        assert systemd.wait(lambda: len(systemd.watchdogs()) >= 2, 60), log()  # fed while frames come
+        # Once the read has been stuck for stall_timeout_s the daemon says so, and from then on never pings.
+        assert systemd.wait(lambda: any("stalled" in m for _, _, m in systemd.messages()), 90), log()
+        t_stalled = next(t for t, _, m in systemd.messages() if "stalled" in m)
+        status = next(m for _, _, m in systemd.messages() if "stalled" in m)
+        assert "read() has not returned for" in status and "waiting for the watchdog restart" in status
+        # Event-based: more than two ping intervals of STATUS updates go by (the loop runs), yet no WATCHDOG=1.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and time.monotonic() - t_stalled < 3 * WATCHDOG_USEC / 2e6:
+            time.sleep(0.1)
+        assert proc.poll() is None  # still running: a stuck thread is systemd's to kill
+        assert systemd.watchdogs(since=t_stalled) == [], systemd.messages(since=t_stalled)
+        assert "source picamera2:0 stalled: read() has not returned" in log()
+    finally:
+        stop_daemon(proc)
+        systemd.close()
+
+
+def test_silent_camera_keeps_the_watchdog_fed_while_it_reconnects(tmp_path):
+    """capture_array(wait=) times out (no frames, driver fine): reconnect attempts return, so pings go on."""
+    systemd = FakeSystemd(tmp_path / "notify")
+    proc, log = start_picamera2_daemon(tmp_path, systemd, watchdog=True, stall_after="0")
+    try:
+        assert systemd.wait(lambda: any(m.startswith("READY=1") for _, _, m in systemd.messages()), 90), log()
+        t_ready = next(t for t, _, m in systemd.messages() if m.startswith("READY=1"))
+        assert systemd.wait(lambda: len(systemd.watchdogs(since=t_ready)) >= 4, 90), log()
+        assert "stopped delivering frames (TimeoutError: " in log()
+        assert not any("stalled" in m for _, _, m in systemd.messages())
+    finally:
+        stop_daemon(proc)
+        systemd.close()
+
+
+def test_hung_camera_without_a_watchdog_exits_1(tmp_path):
+    """No systemd watchdog to restart it (a terminal, a container): the daemon ends itself, status 1."""
+    proc, log = start_picamera2_daemon(tmp_path, None, watchdog=False, hang_after="5")
+    try:
+        assert proc.wait(120) == 1, log()
+        assert "exiting (status 1) so the service manager restarts fer-edge" in log()
+        assert "Traceback" not in log()
+    finally:
+        stop_daemon(proc)
