@@ -3,7 +3,9 @@
 Workflow: ``keygen`` once (keep the .key offline, put the .pub in the devices' ``update.public_keys``),
 ``sign`` each new model (a .tflite with its .json manifest, or an existing bundle), ``push`` it to a device
 or a group over MQTT (inline, or as a URL the device downloads), watch ``status``, ``rollback`` if needed.
-The device-side checks are in edge/updates.py.
+``push`` and ``rollback`` sign the command itself with the same key (edge.commands: target, issue time,
+bundle sha256/size/version and force are covered), so a broker client without the key cannot install,
+replay, downgrade or roll back. The device-side checks are in edge/updates.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import secrets
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from edge.fsutil import atomic_write
@@ -75,6 +78,7 @@ def register(sub) -> None:
     _add_target_args(a)
     a.add_argument("--url", metavar="URL", help="let the device download the bundle from this http(s) URL")
     a.add_argument("--force", action="store_true", help="install even if not newer than the active model")
+    _add_key_args(a)
     _add_config_args(a)
     a.set_defaults(func=cmd_push)
 
@@ -88,8 +92,10 @@ def register(sub) -> None:
 
     a = actions.add_parser("rollback", help="make a device go back to its previous model",
                            description="The device swaps back to the previous installed model (the base model "
-                                       "when none is left) between two frames, and deletes the one it left.")
+                                       "when none is left) between two frames; the one it left is kept as "
+                                       "retired (see the README's retention rule).")
     _add_target_args(a)
+    _add_key_args(a)
     _add_config_args(a)
     a.set_defaults(func=cmd_rollback)
 
@@ -101,6 +107,31 @@ def _add_target_args(a: argparse.ArgumentParser) -> None:
     a.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the answer(s) (default %(default)s; groups: all answers in this time)")
     a.add_argument("--no-wait", action="store_true", help="publish and return without waiting for an answer")
+
+
+def _add_key_args(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--key", default=os.environ.get("FER_EDGE_SIGNING_KEY"), metavar="KEY",
+                   help="private key that signs the command (default $FER_EDGE_SIGNING_KEY); devices obey only "
+                        "commands signed by a key in their update.public_keys")
+    a.add_argument("--unsigned", action="store_true",
+                   help="send an unsigned (format 1) command: only devices with update.allow_unsigned (install) "
+                        "or update.allow_unsigned_rollback (rollback) obey it")
+
+
+def _signed(args, body: dict, extra: dict | None = None) -> dict:
+    """The wire message for a command body: signed with --key (format 2), or unsigned with --unsigned."""
+    from edge.bundle import load_private_key
+    from edge.commands import sign_command
+
+    rid = secrets.token_hex(6)
+    if args.unsigned:
+        return {"id": rid, **body, **(extra or {})}
+    if not args.key:
+        raise CommandError("no signing key: pass --key KEY (the .key from `fer-edge model keygen`) or set "
+                           "FER_EDGE_SIGNING_KEY; devices refuse unsigned commands", EXIT_USAGE)
+    target = {"device": args.device} if args.device else {"group": args.group}
+    signed = {"id": rid, "target": target, "issued_at": round(time.time(), 3), **body}
+    return {"id": rid, **sign_command(signed, load_private_key(args.key)), **(extra or {})}
 
 
 def _add_config_args(a: argparse.ArgumentParser, mqtt: bool = True) -> None:
@@ -171,7 +202,7 @@ def _sign(args) -> int:
     from edge.bundle import load_bundle_file, load_private_key, sha256_hex, sign_bundle, write_bundle
 
     src = Path(args.model)
-    bundle = load_bundle_file(src)
+    bundle = load_bundle_file(src, allow_v1=True)  # a format 1 bundle is re-signed as format 2
     key = load_private_key(args.key)
     if not args.no_check:
         _local_check(bundle)
@@ -196,7 +227,7 @@ def _sign(args) -> int:
 def _local_check(bundle) -> None:
     """Load the model and run the device's self-test here, so a broken model is caught before a push."""
     from edge.classify import ModelError
-    from edge.model_store import validate_model
+    from edge.model_store import describe_self_test, validate_model
 
     with tempfile.TemporaryDirectory(prefix="fer-edge-sign-") as tmp:
         (Path(tmp) / "model.tflite").write_bytes(bundle.model_bytes)
@@ -208,8 +239,8 @@ def _local_check(bundle) -> None:
                 print(f"warning: local check skipped: {e}", file=sys.stderr)
                 return
             raise CommandError(f"the model fails the device checks: {e} (--no-check signs it anyway)") from None
-    print(f"local check: loads on {clf.backend}, labels {','.join(clf.labels)}, input {clf.input_size}px, "
-          f"self-test agreement {summary['agreement']:.0%} on {summary['faces']} reference faces")
+    print(f"local check: loads on {clf.backend}, labels {','.join(clf.labels)}, input {clf.input_size}px; "
+          f"{describe_self_test(summary)}")
 
 
 def cmd_verify(args) -> int:
@@ -325,7 +356,7 @@ def _describe(st: dict) -> str:
     return "\n".join(lines)
 
 
-def _send(args, command: dict) -> int:
+def _send(args, command: dict, action: str) -> int:
     """Publish a command and wait for the device(s) to answer it on model/status."""
     cfg = _config(args)
     prefix = cfg.mqtt.prefix
@@ -341,7 +372,8 @@ def _send(args, command: dict) -> int:
     link = _Link(cfg.mqtt, status_topic)
     try:
         link.publish(cmd_topic, json.dumps(command, separators=(",", ":")).encode())
-        print(f"sent {command['action']} request {rid} to {cmd_topic}", file=sys.stderr, flush=True)
+        print(f"sent {'unsigned ' if args.unsigned else 'signed '}{action} request {rid} to {cmd_topic}",
+              file=sys.stderr, flush=True)
         if args.no_wait:
             return EXIT_OK
 
@@ -362,7 +394,7 @@ def _send(args, command: dict) -> int:
     if not got:
         print(f"no device answered within {args.timeout:g} s", file=sys.stderr)
         return EXIT_FAIL
-    ok = ("installed",) if command["action"] == "install" else ("rolled_back",)
+    ok = ("installed",) if action == "install" else ("rolled_back",)
     return EXIT_OK if all(st.get("result") in ok for st in got) else EXIT_FAIL
 
 
@@ -381,20 +413,22 @@ def _push(args) -> int:
     if bundle.signature is None:
         print("warning: the bundle is not signed; devices refuse it unless update.allow_unsigned = true "
               "(sign it with `fer-edge model sign`)", file=sys.stderr)
-    command = {"id": secrets.token_hex(6), "action": "install", "sha256": hashlib.sha256(data).hexdigest()}
-    if args.url:
-        command["url"] = args.url
+    digest = hashlib.sha256(data).hexdigest()
+    inline = {} if args.url else {"bundle": base64.b64encode(data).decode()}
+    if args.unsigned:
+        body = {"action": "install", "sha256": digest, "force": bool(args.force),
+                **({"url": args.url} if args.url else {})}
     else:
-        command["bundle"] = base64.b64encode(data).decode()
-    if args.force:
-        command["force"] = True
+        body = {"action": "install", "sha256": digest, "size": len(data), "version": bundle.version,
+                "force": bool(args.force), "url": args.url or None}
+    command = _signed(args, body, inline)
     print(f"pushing {args.bundle}: model version {bundle.version} ({len(data)} bytes"
           f"{', by URL' if args.url else ''})", file=sys.stderr, flush=True)
-    return _send(args, command)
+    return _send(args, command, "install")
 
 
 def cmd_rollback(args) -> int:
-    return _run(lambda a: _send(a, {"id": secrets.token_hex(6), "action": "rollback"}), args)
+    return _run(lambda a: _send(a, _signed(a, {"action": "rollback"}), "rollback"), args)
 
 
 def cmd_status(args) -> int:

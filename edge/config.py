@@ -28,7 +28,7 @@ from edge.discovery import HomeAssistantConfig
 from edge.mqtt import MqttConfig
 from edge.sources import SourceConfig
 from edge.track import TrackConfig
-from edge.updates import UpdateConfig
+from edge.update_config import UpdateConfig
 from edge.web.config import WebConfig
 
 ENV_PREFIX = "FER_EDGE_"
@@ -64,6 +64,9 @@ class DeviceConfig:
                              "it is used as an MQTT topic level")
         if len(self.id) > 64:
             raise ValueError(f"id: at most 64 characters (got {len(self.id)})")
+        state = Path(self.state_dir).expanduser()
+        if state.exists() and not state.is_dir():
+            raise ValueError(f"state_dir: {self.state_dir} exists but is not a directory")
 
 
 @dataclass

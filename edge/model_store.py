@@ -4,7 +4,8 @@ and the validation + self-test every candidate model must pass before it may ser
 Layout under ``<device.state_dir>/models/``::
 
     active.json                      the pointer: active model, previous models, probation (survives reboots)
-    <version>-<sha12>-<rand>/        one installed model: model.tflite + model.json (its manifest)
+    <version>-<sha12>-<rand>/        one installed model: model.tflite + model.json (its manifest) + bundle
+                                     (the signed bundle it came from, re-verified at every start)
     .tmp-<rand>/                     an install in progress (staging); removed at start-up if left behind
     inbox/                           default drop-in directory for bundles (see edge.updates)
 
@@ -14,6 +15,12 @@ new pointer, each naming complete models. Leftover staging/tmp entries and unref
 directories are removed by :meth:`ModelStore.cleanup` at start-up.
 
 "No pointer" or ``active: null`` means the base model: ``model.path`` from the config, else the bundled one.
+
+Retention (the only ways a model's files are deleted): the pointer names the active model, up to
+``keep_previous`` older ones (rollback targets) and up to ``keep_previous`` models rolled back from
+("retired", newest first, at least one, kept for inspection or a re-push). An install or rollback that pushes a model
+past either limit deletes that model's directory; start-up cleanup deletes directories the pointer does
+not name (left by a crash). A rollback never deletes the model it leaves beyond that rule.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ POINTER = "active.json"
 POINTER_FORMAT = "fer-edge-active/1"
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "model.json"
+BUNDLE_FILE = "bundle"
 REQUEST_FILE = "request.json"
 TMP_PREFIX = ".tmp-"
 SELFTEST_PATH = Path(__file__).resolve().parent / "data" / "selftest.npz"
@@ -47,6 +55,12 @@ SELFTEST_PATH = Path(__file__).resolve().parent / "data" / "selftest.npz"
 _MODEL_DIR = re.compile(r"^[A-Za-z0-9._-]+-[0-9a-f]{12}-[0-9a-z]{6}$")
 # Input sizes a face crop can sensibly be resized to.
 MIN_INPUT, MAX_INPUT = 16, 256
+# The self-test's floor: share of the labelled reference faces (10 per class, 7 classes) a model must get
+# right. Chance is 1/7 (14%); the shipped model gets 52 of 70 (74%; `fer-edge model sign MODEL --key K`
+# prints it). A model below the floor reads faces wrongly (label order, normalisation or input size in its
+# manifest) or is untrained. Binomial odds with 25 of 70 needed: a 69%-accurate model fails 2e-9, a
+# chance-level one passes 7e-6, even a 25%-accurate one passes 3%.
+SELFTEST_MIN_AGREEMENT = 0.35
 
 
 class StoreError(Exception):
@@ -130,11 +144,12 @@ class Pointer:
     # While a freshly installed model proves itself: {"sha256", "since", "starts"}; None once it passed.
     probation: dict[str, Any] | None = None
     updated_at: str = ""
+    retired: list[ModelEntry] = field(default_factory=list)  # rolled back from, newest first (see Retention)
 
     def to_json(self) -> bytes:
         obj = {"format": POINTER_FORMAT, "active": asdict(self.active) if self.active else None,
                "previous": [asdict(e) for e in self.previous], "probation": self.probation,
-               "updated_at": self.updated_at or utc_now()}
+               "retired": [asdict(e) for e in self.retired], "updated_at": self.updated_at or utc_now()}
         return (json.dumps(obj, indent=1) + "\n").encode()
 
 
@@ -174,13 +189,14 @@ class ModelStore:
                 raise ValueError(f"format is not {POINTER_FORMAT}")
             active = ModelEntry.from_dict(obj["active"]) if obj.get("active") else None
             previous = [ModelEntry.from_dict(e) for e in obj.get("previous") or []]
+            retired = [ModelEntry.from_dict(e) for e in obj.get("retired") or []]
             probation = obj.get("probation")
             if probation is not None and not isinstance(probation, dict):
                 raise ValueError("probation must be an object")
         except (ValueError, KeyError, TypeError, StoreError) as e:
             raise StoreError(f"{self.pointer_path} is corrupt ({e}); delete it to fall back to the base "
                              "model") from None
-        return Pointer(active, previous, probation, str(obj.get("updated_at", "")))
+        return Pointer(active, previous, probation, str(obj.get("updated_at", "")), retired)
 
     def write_pointer(self, ptr: Pointer) -> None:
         ptr.updated_at = utc_now()
@@ -229,7 +245,7 @@ class ModelStore:
 
     def _referenced(self) -> set[str]:
         ptr = self.read_pointer()
-        return {e.dir for e in ([ptr.active] if ptr.active else []) + ptr.previous}
+        return {e.dir for e in ([ptr.active] if ptr.active else []) + ptr.previous + ptr.retired}
 
     @staticmethod
     def _remove(p: Path) -> None:
@@ -255,11 +271,14 @@ class ModelStore:
         return path
 
     @staticmethod
-    def write_model(staging: Path, manifest_bytes: bytes, model_bytes: bytes) -> Path:
-        """Write a model and its manifest into ``staging`` (fsynced); returns the model file's path."""
+    def write_model(staging: Path, manifest_bytes: bytes, model_bytes: bytes, bundle: bytes | None = None) -> Path:
+        """Write a model, its manifest and the bundle it came from into ``staging`` (fsynced); returns the
+        model file's path. The bundle is what :func:`verify_installed` re-checks at every start."""
         try:
             write_durable(staging / MANIFEST_FILE, manifest_bytes)
             write_durable(staging / MODEL_FILE, model_bytes)
+            if bundle is not None:
+                write_durable(staging / BUNDLE_FILE, bundle)
         except OSError as e:
             raise StoreError(f"cannot write the model to {staging}: {e.strerror or e} (disk full?)") from None
         fsync_dir(staging)
@@ -288,7 +307,7 @@ class ModelStore:
         fsync_dir(self.root)
         old = ([ptr.active] if ptr.active else []) + ptr.previous
         new = Pointer(active=entry, previous=old[: self.keep_previous],
-                      probation={"sha256": sha256, "since": utc_now(), "starts": 0})
+                      probation={"sha256": sha256, "since": utc_now(), "starts": 0}, retired=ptr.retired)
         try:
             self.write_pointer(new)
         except StoreError:
@@ -301,20 +320,24 @@ class ModelStore:
     # --- after install ---------------------------------------------------------------------------
 
     def rollback(self) -> tuple[ModelEntry | None, ModelEntry | None]:
-        """Make the previous model active (the base model when none is left); returns (new, removed).
+        """Make the previous model active (the base model when none is left); returns (new, retired).
 
-        The model rolled back from is deleted: it was found bad or is unwanted. StoreError when the base
-        model is already active.
+        The model rolled back from is kept as the newest "retired" entry; only a retired model pushed past
+        ``keep_previous`` of them is deleted (see Retention). StoreError when the base model is already active.
         """
         ptr = self.read_pointer()
         if ptr.active is None:
             raise StoreError("the base model is active: nothing to roll back to")
-        removed = ptr.active
-        new = Pointer(active=ptr.previous[0] if ptr.previous else None, previous=ptr.previous[1:])
+        left = ptr.active
+        retired = [left] + [e for e in ptr.retired if e.dir != left.dir]
+        keep = max(1, self.keep_previous)
+        new = Pointer(active=ptr.previous[0] if ptr.previous else None, previous=ptr.previous[1:],
+                      retired=retired[:keep])
         self.write_pointer(new)
-        self._remove(self.root / removed.dir)
+        for gone in retired[keep:]:
+            self._remove(self.root / gone.dir)
         fsync_dir(self.root)
-        return new.active, removed
+        return new.active, left
 
     def end_probation(self, sha256: str) -> bool:
         """Mark the active model as proven (if it is still the one with this sha256)."""
@@ -332,6 +355,55 @@ class ModelStore:
             ptr.probation["starts"] = int(ptr.probation.get("starts", 0)) + 1
             self.write_pointer(ptr)
         return ptr
+
+
+# --- re-verification at start -------------------------------------------------------------------------
+
+def verify_installed(store: ModelStore, entry: ModelEntry, public_keys: dict[str, bytes], *,
+                     allow_unsigned: bool = False, max_bytes: int = 1 << 30) -> str:
+    """Check an installed model against the signed bundle kept beside it; returns the signing key id.
+
+    The bundle's signature is checked over its exact bytes with today's trusted keys (a key removed from
+    update.public_keys revokes the models it signed), then its manifest and model must be byte-identical
+    to the files that will be loaded. StoreError says what is wrong. Without a bundle file (placed by
+    hand, or installed before bundle format 2) the model is refused unless ``allow_unsigned``.
+    """
+    from edge.bundle import BundleError, load_verified
+
+    d = store.root / entry.dir
+    try:
+        with open(d / BUNDLE_FILE, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        if not allow_unsigned:
+            raise StoreError(f"installed model {entry.version} ({entry.dir}) has no signed bundle beside it "
+                             "(placed by hand, or installed by fer-edge before bundle format 2): not loaded; "
+                             "push it again as a signed bundle") from None
+        data = None
+    except OSError as e:
+        raise StoreError(f"cannot read {d / BUNDLE_FILE}: {e.strerror or e}") from None
+    try:
+        model = (d / MODEL_FILE).read_bytes()
+        manifest = (d / MANIFEST_FILE).read_bytes()
+    except OSError as e:
+        raise StoreError(f"installed model {entry.version}: {e.filename}: {e.strerror or e}") from None
+    import hashlib
+
+    if hashlib.sha256(model).hexdigest() != entry.sha256:
+        raise StoreError(f"installed model {entry.version}: {MODEL_FILE} does not hash to the sha256 recorded "
+                         "at install (altered or damaged on disk)")
+    if data is None:
+        return "unsigned"
+    if len(data) > max_bytes:
+        raise StoreError(f"installed model {entry.version}: its bundle is over the update.max_bundle_mb limit")
+    try:
+        bundle, kid = load_verified(data, public_keys, allow_unsigned=allow_unsigned)
+    except BundleError as e:
+        raise StoreError(f"installed model {entry.version}: {e}") from None
+    if bundle.model_bytes != model or bundle.manifest_bytes != manifest:
+        raise StoreError(f"installed model {entry.version}: its files differ from the signed bundle it came "
+                         "from (altered on disk)")
+    return kid
 
 
 # --- validation and self-test ------------------------------------------------------------------------
@@ -372,11 +444,27 @@ def reference_inputs(clf: Classifier, faces: np.ndarray, context: float) -> np.n
     return np.stack([crop_face(f, box, clf.input_size, clf.margin) for f in faces])
 
 
-def self_test(clf: Classifier, reference: tuple[np.ndarray, list[str], float] | None = None) -> dict:
-    """Run the model on the reference faces; ValidationError unless the outputs look like a classifier's.
+def _raw_output_finite(clf: Classifier) -> bool:
+    """Whether the interpreter's last raw output is finite: Classifier.predict maps NaN rows to a uniform
+    distribution (safe for the live pipeline), which would otherwise read as "no answer" here."""
+    it, out = getattr(clf, "_it", None), getattr(clf, "_out", None)
+    if it is None or out is None:
+        return True
+    try:
+        raw = np.asarray(it.get_tensor(out))
+    except Exception:  # an interpreter without the tensor: nothing more to learn
+        return True
+    return raw.dtype.kind != "f" or bool(np.all(np.isfinite(raw)))
 
-    Sane = right shape, finite, each row a distribution (sums to ~1, not all-zero logits), and not the
-    same answer for every face. Returns a summary (predictions, agreement with the reference labels).
+
+def self_test(clf: Classifier, reference: tuple[np.ndarray, list[str], float] | None = None,
+              min_agreement: float = SELFTEST_MIN_AGREEMENT) -> dict:
+    """Run the model on the labelled reference faces; ValidationError unless it reads faces like a classifier.
+
+    Sane = right shape, finite, each row a distribution (sums to ~1, not all-zero logits), not the same
+    answer for every face, and at least ``min_agreement`` of the faces labelled right (the figure a user
+    can act on: far below the model card's accuracy means the manifest frames or scales faces wrongly).
+    Returns a summary: faces, correct, agreement, floor, predictions.
     """
     faces, labels, context = reference if reference is not None else load_reference_faces()
     x = reference_inputs(clf, faces, context)
@@ -387,7 +475,7 @@ def self_test(clf: Classifier, reference: tuple[np.ndarray, list[str], float] | 
     n, n_labels = len(faces), len(clf.labels)
     if probs.shape != (n, n_labels):
         raise ValidationError(f"self-test: output shape {list(probs.shape)}, expected [{n}, {n_labels}]")
-    if not np.all(np.isfinite(probs)):
+    if not np.all(np.isfinite(probs)) or not _raw_output_finite(clf):
         raise ValidationError("self-test: the model outputs NaN/inf on the reference faces")
     if np.any(probs < -1e-6) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
         raise ValidationError("self-test: outputs are not probabilities (negative or not summing to 1)")
@@ -398,7 +486,19 @@ def self_test(clf: Classifier, reference: tuple[np.ndarray, list[str], float] | 
                               "(broken or untrained model)")
     predicted = [clf.labels[i] for i in probs.argmax(axis=1)]
     agree = sum(p == t for p, t in zip(predicted, labels))
-    return {"faces": n, "predicted": predicted, "agreement": round(agree / n, 3)}
+    if agree < min_agreement * n:
+        raise ValidationError(
+            f"self-test: only {agree} of {n} labelled reference faces right ({agree / n:.0%}; chance is "
+            f"{1 / n_labels:.0%}, the floor {min_agreement:.0%}): the manifest's label order, normalisation or "
+            "input size does not match the model, or the model is untrained")
+    return {"faces": n, "correct": agree, "predicted": predicted, "agreement": round(agree / n, 3),
+            "floor": min_agreement, "chance": round(1 / n_labels, 3)}
+
+
+def describe_self_test(summary: dict) -> str:
+    """One line for operators: what the self-test measured and against what."""
+    return (f"self-test: {summary['correct']} of {summary['faces']} labelled FER-2013 test faces right "
+            f"({summary['agreement']:.0%}; refused below {summary['floor']:.0%}, chance {summary['chance']:.0%})")
 
 
 def validate_model(model_path: Path, *, threads: int = 1, expect_labels: list[str] | None = None,
@@ -424,45 +524,32 @@ def validate_model(model_path: Path, *, threads: int = 1, expect_labels: list[st
 
 # --- reference data generator (run once; the result is committed as edge/data/selftest.npz) -------------
 
-# (track, frame) pairs from edge/data/demo.json: two frames per face, away from the expression cross-fade.
-SELFTEST_FRAMES = ((1, 40), (1, 130), (2, 100), (2, 190), (3, 160), (3, 250), (4, 220), (4, 290))
-SELFTEST_SIZE = 96
-SELFTEST_CONTEXT = 0.5
+SELFTEST_PER_CLASS = 10
+SELFTEST_SEED = 2013
 
 
-def make_reference_faces(out: Path = SELFTEST_PATH) -> Path:
-    """Crop the reference faces from the bundled demo clip (real FER-2013 test faces) into ``out``.
+def make_reference_faces(data_dir: Path, out: Path = SELFTEST_PATH) -> Path:
+    """Pick SELFTEST_PER_CLASS FER-2013 test faces per class (seeded, from sorted names) into ``out``.
 
-    Regenerate with ``python -c "from edge.model_store import make_reference_faces; make_reference_faces()"``.
+    The faces are stored as the dataset has them (48x48 gray, the face filling the image, so context 0).
+    Regenerate with ``python -c "from pathlib import Path; from edge.model_store import make_reference_faces;
+    make_reference_faces(Path('../shared/data/fer2013/test'))"``. Chosen from the test split, never trained on.
     """
+    import random
+
     import cv2
 
-    from edge.detect import Box
-    from edge.preprocess import crop_face
-
-    data_dir = Path(__file__).resolve().parent / "data"
-    meta = json.loads((data_dir / "demo.json").read_text())
-    tracks = {t["track"]: t for t in meta["tracks"]}
-    cap = cv2.VideoCapture(str(data_dir / meta["clip"]))
-    frames: dict[int, np.ndarray] = {}
-    want = {f for _, f in SELFTEST_FRAMES}
-    idx = 0
-    while len(frames) < len(want):
-        ok, img = cap.read()
-        if not ok:
-            raise RuntimeError(f"demo clip ended at frame {idx} before all reference frames were read")
-        if idx in want:
-            frames[idx] = img
-        idx += 1
-    cap.release()
-    faces, labels = [], []
-    for track, frame in SELFTEST_FRAMES:
-        t = tracks[track]
-        x, y, w, h = t["boxes"][frame - t["frames"][0]]
-        faces.append(crop_face(frames[frame], Box(x, y, w, h), SELFTEST_SIZE, SELFTEST_CONTEXT))
-        label = next(f["class"] for f in meta["faces"]
-                     if f["track"] == track and f["frames"][0] <= frame <= f["frames"][1])
-        labels.append(label)
-    np.savez_compressed(out, faces=np.stack(faces), labels=np.array(labels), context_margin=SELFTEST_CONTEXT,
-                        frames=np.array([f for _, f in SELFTEST_FRAMES]))
+    rng = random.Random(SELFTEST_SEED)
+    faces, labels, files = [], [], []
+    for cls in sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir()):
+        names = sorted((Path(data_dir) / cls).glob("*.jpg"))
+        for f in rng.sample(names, SELFTEST_PER_CLASS):
+            img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+            if img is None or img.shape != (48, 48):
+                raise RuntimeError(f"{f}: not a 48x48 FER-2013 face")
+            faces.append(img)
+            labels.append(cls)
+            files.append(f"{cls}/{f.name}")
+    np.savez_compressed(out, faces=np.stack(faces), labels=np.array(labels), context_margin=0.0,
+                        files=np.array(files))
     return out

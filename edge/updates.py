@@ -1,18 +1,25 @@
 """Model updates on the device: MQTT commands (inline bundle or URL), a watched drop-in directory,
 checks, atomic install, hot swap between two frames, probation with automatic rollback, status topic.
 
-Commands arrive as JSON on ``<prefix>/<device_id>/cmd/model`` and ``<prefix>/group/<group>/cmd/model``::
+Commands arrive as JSON on ``<prefix>/<device_id>/cmd/model`` and ``<prefix>/group/<group>/cmd/model``.
+``install`` and ``rollback`` must be signed commands (format 2, see edge.commands: the signature covers
+the target, the issue time, the bundle's sha256 and size, its version and ``force``)::
 
-    {"id": "a1b2", "action": "install", "bundle": "<base64 bundle>", "sha256": "<hex of the bundle>",
-     "force": false}
-    {"id": "a1b2", "action": "install", "url": "https://host/m.bundle", "sha256": "<hex>"}
-    {"id": "c3d4", "action": "rollback"}
-    {"id": "e5f6", "action": "status"}
+    {"id": "a1b2", "command": "<signed body>", "signature": {...}, "bundle": "<base64 bundle>"}
+    {"id": "a1b2", "command": "<signed body naming a url>", "signature": {...}}
+    {"id": "e5f6", "action": "status"}                  (no signature needed; answered with its own id)
 
-Checks, in order: size limit, sha256 of the bundle, Ed25519 signature against ``update.public_keys``,
-then validation (loads in the interpreter, output size vs labels, labels equal to the pipeline's,
-self-test on reference faces), then version newer than the active one unless ``force``. One update at a
-time: commands arriving while one is being installed (or a new model is on probation) are refused.
+Unsigned (format 1) ``{"action": "install", "bundle"|"url", "sha256", "force"}`` is obeyed only with
+``update.allow_unsigned`` and ``{"action": "rollback"}`` only with ``update.allow_unsigned_rollback``.
+
+Checks, in order: payload size and JSON depth (before parsing), command signature, target and freshness
+(issued after the last accepted command, persisted; within ``update.command_max_age_s``), then for the
+bundle: size limit, sha256 and size named by the command, the bundle signature over its exact bytes
+(before the tar is read), the tar members by their headers, then validation (loads in the interpreter,
+output size vs labels, labels equal to the pipeline's, self-test on labelled reference faces), then
+version newer than the active one unless ``force``. One update at a time: commands arriving while one is
+being installed (or a new model is on probation) are refused, and not remembered, so the same command can
+be sent again later.
 
 The result is published retained on ``<prefix>/<device_id>/model/status`` (see :meth:`UpdateManager.status`).
 
@@ -36,20 +43,22 @@ import queue
 import re
 import secrets
 import shutil
+import socket
 import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge.bundle import BundleError, load_public_keys, read_bundle, verify_bundle
+from edge.bundle import BundleError, load_public_keys, load_verified
 from edge.classify import DEFAULT_MODEL, Classifier, ModelError, load_classifier, read_manifest, sha256_file
-from edge.model_store import (ModelEntry, ModelStore, StoreError, atomic_write, compare_versions, utc_now,
-                              validate_model)
+from edge.commands import MAX_FUTURE_S, CommandError, loads_bounded, verify_command
+from edge.model_store import (ModelEntry, ModelStore, StoreError, atomic_write, compare_versions,
+                              describe_self_test, utc_now, validate_model, verify_installed)
+from edge.update_config import UpdateConfig  # noqa: F401 (its home before it moved out to break the import circle)
 
 if TYPE_CHECKING:
     from edge.config import Config
@@ -60,60 +69,19 @@ log = logging.getLogger(__name__)
 CMD_SUFFIX = "cmd/model"
 STATUS_SUFFIX = "model/status"
 ACTIONS = ("install", "rollback", "status")
-_BAD_LEVEL = re.compile(r"[/+#\s\x00]")
 _ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,128})"')
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _TICK_S = 0.25
 HANDLED_FILE = "requests.json"
-
-
-@dataclass
-class UpdateConfig:
-    """Model updates: trusted keys, limits, fleet groups, the drop-in directory, probation."""
-
-    enabled: bool = True  # accept updates (MQTT commands and the drop-in directory)
-    public_keys: list[str] = field(default_factory=list)  # base64 Ed25519 keys or paths of .pub/PEM files
-    allow_unsigned: bool = False  # accept bundles without a signature (never on a reachable device)
-    groups: list[str] = field(default_factory=list)  # also obey <prefix>/group/<name>/cmd/model
-    max_bundle_mb: float = 16.0  # larger bundles are refused (an inline one briefly needs ~5x this in RAM)
-    http_timeout_s: float = 60.0  # whole download of a bundle given by URL
-    ca_file: str = ""  # CA bundle for https URLs ("" = system CAs)
-    watch_dir: str = ""  # drop-in directory for bundles ("" = <device.state_dir>/models/inbox)
-    watch_interval_s: float = 2.0  # how often the drop-in directory is scanned (0 = not watched)
-    keep_previous: int = 1  # installed models kept for rollback besides the active one
-    probation_frames: int = 20  # a new model is accepted after classifying this many frames without error
-    probation_s: float = 300.0  # ... or after this many seconds without an error (few faces in view)
-
-    def validate(self) -> None:
-        for i, entry in enumerate(self.public_keys):
-            if not entry.strip():
-                raise ValueError(f"public_keys: entry {i} is empty")
-        for g in self.groups:
-            if not g or _BAD_LEVEL.search(g) or len(g) > 64:
-                raise ValueError(f"groups: {g!r} is not a valid group name (1..64 characters, no '/', '+', "
-                                 "'#' or whitespace)")
-        if not 0.001 <= self.max_bundle_mb <= 1024:
-            raise ValueError(f"max_bundle_mb: must be 0.001..1024 (got {self.max_bundle_mb})")
-        if not 1 <= self.http_timeout_s <= 3600:
-            raise ValueError(f"http_timeout_s: must be 1..3600 (got {self.http_timeout_s})")
-        if self.ca_file and not Path(self.ca_file).expanduser().is_file():
-            raise ValueError(f"ca_file: {self.ca_file} does not exist")
-        if self.watch_interval_s < 0:
-            raise ValueError(f"watch_interval_s: must be >= 0 (got {self.watch_interval_s})")
-        if not 0 <= self.keep_previous <= 10:
-            raise ValueError(f"keep_previous: must be 0..10 (got {self.keep_previous})")
-        if not 1 <= self.probation_frames <= 100_000:
-            raise ValueError(f"probation_frames: must be 1..100000 (got {self.probation_frames})")
-        if self.probation_s <= 0:
-            raise ValueError(f"probation_s: must be > 0 (got {self.probation_s})")
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_bundle_mb * 1024 * 1024)
+REPLAY_FILE = "commands.json"  # issued_at of the last accepted signed command: the replay floor
 
 
 class Refused(Exception):
     """A command or bundle refused for a reason the operator can fix (the message says which)."""
+
+
+class Cancelled(Refused):
+    """A download stopped because the daemon is stopping."""
 
 
 @dataclass
@@ -129,6 +97,12 @@ class Request:
     sha256: str | None = None
     force: bool = False
     path: Path | None = None  # drop-in file
+    signed_by: str | None = None  # key id of a verified signed command; None = unsigned (format 1)
+    target: dict | None = None
+    issued_at: float = 0.0
+    size: int | None = None  # bundle bytes, as signed
+    version: str | None = None  # model version, as signed
+    staging: Path | None = None  # journal of an accepted request (an "interrupted" report if we die)
 
 
 @dataclass
@@ -150,25 +124,35 @@ class _Active:
     entry: ModelEntry | None = None
 
 
-def parse_command(payload: bytes, max_bytes: int, origin: str) -> Request:
-    """Decode a command message into a Request; Refused with a clear reason if it is malformed."""
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def parse_command(payload: bytes, max_bytes: int, origin: str, public_keys: dict[str, bytes] | None = None) -> Request:
+    """Decode a command message into a Request; Refused with a clear reason if it is malformed.
+
+    Size and nesting depth are checked before the JSON parser sees the payload. A signed command
+    (format 2) is verified here; what it may do on this device (target, freshness) is the manager's call.
+    """
     # Inline bundles are base64 (4/3) inside JSON: refuse oversized messages before parsing them.
     if len(payload) > max_bytes * 4 // 3 + 65536:
         raise Refused(f"command of {len(payload)} bytes exceeds the limit for a "
                       f"{max_bytes / 1048576:g} MiB bundle (update.max_bundle_mb)")
     try:
-        cmd = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Refused(f"malformed command: not JSON ({e}); expected e.g. "
-                      '{"id": "...", "action": "install", "url": "...", "sha256": "..."}') from None
+        cmd = loads_bounded(payload)
+    except CommandError as e:
+        raise Refused(f"malformed command: {e}; expected e.g. "
+                      '{"id": "...", "command": "...", "signature": {...}} (made by `fer-edge model push`)') from None
     if not isinstance(cmd, dict):
         raise Refused(f"malformed command: expected a JSON object, got {type(cmd).__name__}")
+    if "command" in cmd or "signature" in cmd:
+        return _parse_signed(cmd, public_keys or {}, origin)
     rid = cmd.get("id", secrets.token_hex(6))
     if not isinstance(rid, str) or not 1 <= len(rid) <= 128:
         raise Refused("malformed command: id must be a string of 1..128 characters")
     action = cmd.get("action", "install")
     if action not in ACTIONS:
-        raise Refused(f"malformed command: unknown action {action!r} (expected {', '.join(ACTIONS)})")
+        raise Refused(f"malformed command: unknown action {str(action)[:40]!r} (expected {', '.join(ACTIONS)})")
     req = Request(id=rid, action=action, origin=origin)
     if action != "install":
         return req
@@ -189,46 +173,127 @@ def parse_command(payload: bytes, max_bytes: int, origin: str) -> Request:
     return req
 
 
-def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, ca_file: str = "") -> bytes:
-    """Download ``url`` into ``dest`` within ``timeout_s`` and ``max_bytes``; returns the bytes (Refused on failure)."""
-    deadline = time.monotonic() + timeout_s
-    ctx = ssl.create_default_context(cafile=ca_file or None) if url.startswith("https:") else None
-    req = urllib.request.Request(url, headers={"User-Agent": "fer-edge model update"})
-    where = urllib.parse.urlsplit(url)._replace(query="", fragment="").geturl()
+def _parse_signed(cmd: dict, public_keys: dict[str, bytes], origin: str) -> Request:
     try:
-        # Per-operation socket timeout; the loop below enforces the overall deadline.
-        with urllib.request.urlopen(req, timeout=min(timeout_s, 15.0), context=ctx) as resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise Refused(f"download {where} is {int(length)} bytes, over the "
-                              f"{max_bytes / 1048576:g} MiB limit (update.max_bundle_mb)")
-            total = 0
-            with open(dest, "xb") as fh:
-                while True:
-                    chunk = resp.read(65536)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise Refused(f"download {where} exceeds the {max_bytes / 1048576:g} MiB limit "
-                                      "(update.max_bundle_mb)")
-                    fh.write(chunk)
-                    if time.monotonic() > deadline:
-                        raise Refused(f"download {where} took longer than {timeout_s:g} s (update.http_timeout_s)")
-            if length and length.isdigit() and total != int(length):
-                raise Refused(f"download {where} ended after {total} of {length} bytes")
-    except urllib.error.HTTPError as e:
-        raise Refused(f"download {where} failed: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise Refused(f"download {where} failed: {e.reason}") from None
-    except http.client.IncompleteRead as e:
-        raise Refused(f"download {where} ended after {len(e.partial)} bytes (connection closed early)") from None
-    except http.client.HTTPException as e:
-        raise Refused(f"download {where} failed: {type(e).__name__}: {e}") from None
-    except (TimeoutError, OSError) as e:
+        body, kid = verify_command(cmd, public_keys)
+    except CommandError as e:
+        raise Refused(f"signed command refused: {e}") from None
+    outer = cmd.get("id")
+    if outer is not None and outer != body["id"]:
+        raise Refused(f"signed command refused: id {str(outer)[:40]!r} is not the signed id {body['id']!r}")
+    req = Request(id=body["id"], action=body["action"], origin=origin, signed_by=kid, target=body["target"],
+                  issued_at=float(body["issued_at"]))
+    if req.action == "install":
+        bundle, url = cmd.get("bundle"), body.get("url")
+        if (bundle is None) == (url is None):
+            raise Refused("malformed command: a signed install carries \"bundle\" (base64) or signs a url, not both")
+        if bundle is not None and not isinstance(bundle, str):
+            raise Refused("malformed command: bundle must be a base64 string")
+        req.bundle_b64, req.url, req.sha256, req.force = bundle, url, body["sha256"], body["force"]
+        req.size, req.version = body["size"], body["version"]
+    return req
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, ca_file: str = "",
+          cancel: threading.Event | None = None) -> bytes:
+    """Download ``url`` into ``dest`` within ``timeout_s`` in total and ``max_bytes``; returns the bytes.
+
+    The deadline covers everything (connect, headers, redirects, body): a watchdog shuts the socket down
+    when it passes or when ``cancel`` is set, so a server dripping a byte at a time cannot hold the
+    worker. Refused (Cancelled for ``cancel``) on any failure.
+    """
+    deadline = time.monotonic() + timeout_s
+    where = urllib.parse.urlsplit(url)._replace(query="", fragment="").geturl()
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    live: list[http.client.HTTPConnection] = []
+    fired: list[str] = []
+    done = threading.Event()
+
+    def watchdog() -> None:
+        while not done.wait(0.05):
+            if cancel is not None and cancel.is_set():
+                fired.append("cancel")
+            elif time.monotonic() >= deadline:
+                fired.append("deadline")
+            else:
+                continue
+            for conn in live:
+                sock = conn.sock
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            return
+
+    def check_fired() -> None:
+        if fired and fired[0] == "cancel":
+            raise Cancelled(f"download {where} stopped: the daemon is stopping")
+        if fired or time.monotonic() >= deadline:
+            raise Refused(f"download {where} took longer than {timeout_s:g} s in total (update.http_timeout_s)")
+
+    threading.Thread(target=watchdog, name="fetch-watchdog", daemon=True).start()
+    try:
+        for _ in range(len(_REDIRECTS) + 1):
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise Refused(f"download {where}: redirected to a non-http(s) URL")
+            per_op = max(0.1, min(15.0, deadline - time.monotonic()))
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=per_op, context=ctx)
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=per_op)
+            live[:] = [conn]
+            try:
+                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                conn.request("GET", path, headers={"User-Agent": "fer-edge model update", "Connection": "close"})
+                resp = conn.getresponse()
+                if resp.status in _REDIRECTS and resp.getheader("Location"):
+                    url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                    continue
+                if resp.status != 200:
+                    raise Refused(f"download {where} failed: HTTP {resp.status} {resp.reason}")
+                return _read_body(resp, dest, where, max_bytes, check_fired)
+            finally:
+                conn.close()
+        raise Refused(f"download {where}: more than {len(_REDIRECTS)} redirects")
+    except Refused:
+        if fired:
+            check_fired()
+        raise
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        check_fired()
+        if isinstance(e, http.client.IncompleteRead):
+            raise Refused(f"download {where} ended after {len(e.partial)} bytes (connection closed early)") from None
         if isinstance(e, TimeoutError) or "timed out" in str(e):
             raise Refused(f"download {where} timed out (update.http_timeout_s {timeout_s:g} s)") from None
-        raise Refused(f"download {where} failed: {e}") from None
+        raise Refused(f"download {where} failed: {type(e).__name__}: {e}") from None
+    finally:
+        done.set()
+
+
+def _read_body(resp, dest: Path, where: str, max_bytes: int, check_fired) -> bytes:
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise Refused(f"download {where} is {int(length)} bytes, over the "
+                      f"{max_bytes / 1048576:g} MiB limit (update.max_bundle_mb)")
+    total = 0
+    with open(dest, "xb") as fh:
+        while True:
+            check_fired()
+            chunk = resp.read1(65536)  # whatever arrived: never waits for a full 64 KiB
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise Refused(f"download {where} exceeds the {max_bytes / 1048576:g} MiB limit (update.max_bundle_mb)")
+            fh.write(chunk)
+    check_fired()
+    if length and length.isdigit() and total != int(length):
+        raise Refused(f"download {where} ended after {total} of {length} bytes")
     return dest.read_bytes()
 
 
@@ -249,6 +314,7 @@ class UpdateManager:
         self._standby: Classifier | None = None  # the model a new one replaced, kept loaded during probation
         self._probation: _Probation | None = None
         self._busy: str | None = None
+        self._busy_req: tuple[str | None, str] = (None, "install")  # (request id, action) of what is busy
         self._active: _Active | None = None
         self._labels: list[str] = []
         self._last: dict[str, Any] = {"request_id": None, "action": None, "result": None, "error": None,
@@ -262,6 +328,12 @@ class UpdateManager:
         self.installs = 0
         self.rollbacks = 0
         self.read_only = False  # another user's store (see load_initial): no commands, no drop-ins
+        self._last_issued = 0.0  # replay floor: issued_at of the last accepted signed command
+        try:
+            self.keys = load_public_keys(self.ucfg.public_keys)  # parsed once (the config checked them)
+        except BundleError as e:
+            log.error("update.public_keys: %s; signed updates are refused", e)
+            self.keys = {}
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -280,13 +352,14 @@ class UpdateManager:
             ptr = self._read_pointer_or_none()
             if ptr is not None and ptr.active is not None:
                 try:
+                    self._verify(ptr.active)
                     clf = load_classifier(self.store.model_path(ptr.active), threads=threads)
                     e = ptr.active
                     self._active = _Active(e.version, e.sha256, e.installed_at, e.origin, e)
                     self._labels = list(clf.labels)
                     return clf
-                except ModelError as e:
-                    log.error("installed model does not load (%s); using the base model", e)
+                except (ModelError, StoreError) as e:
+                    log.error("installed model not used (%s); using the base model", e)
             return self._use_base()
         try:
             for req in self.store.cleanup(keep=(self.watch_dir,)):
@@ -294,6 +367,7 @@ class UpdateManager:
                                f"install from {req.get('origin', '?')} was interrupted (daemon stopped or "
                                "crashed during it); the previous model stayed active")
             self._load_handled()
+            self._load_replay_floor()
             ptr = self.store.count_start()
         except StoreError as e:
             log.error("model store unusable, starting with the base model: %s", e)
@@ -309,9 +383,11 @@ class UpdateManager:
         while ptr is not None and ptr.active is not None:
             entry = ptr.active
             try:
+                signer = self._verify(entry)
                 clf = load_classifier(self.store.model_path(entry), threads=threads)
-            except ModelError as e:
-                msg = f"installed model {entry.version} does not load ({e}); rolled back"
+            except (ModelError, StoreError) as e:
+                what = "fails its signature check" if isinstance(e, StoreError) else "does not load"
+                msg = f"installed model {entry.version} {what} ({e}); rolled back"
                 log.error("%s", msg)
                 self._set_last(None, "rollback", "rolled_back", msg)
                 self._drop_active_in_store()
@@ -322,9 +398,14 @@ class UpdateManager:
             if ptr.probation is not None:
                 # Finish the probation this model started before the restart.
                 self._probation = _Probation(entry.sha256, entry.version, swapped=True)
-            log.info("using installed model %s (%s…) from %s", entry.version, entry.sha256[:12], self.store.root)
+            log.info("using installed model %s (%s…, signed by %s) from %s", entry.version, entry.sha256[:12],
+                     signer, self.store.root)
             return clf
         return self._use_base()
+
+    def _verify(self, entry: ModelEntry) -> str:
+        return verify_installed(self.store, entry, self.keys, allow_unsigned=self.ucfg.allow_unsigned,
+                                max_bytes=self.ucfg.max_bytes)
 
     def _owns_state(self) -> bool:
         """True unless device.state_dir exists and belongs to another user than this process's."""
@@ -383,11 +464,20 @@ class UpdateManager:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the worker (an install in progress is abandoned; cleanup() removes its leftovers)."""
+        """Stop the worker (a download is cut off at once; an install in progress is abandoned and
+        cleanup() removes its leftovers) and leave a retained status that is not "updating"."""
         self._stop.set()
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._lock:
+            busy, self._busy = self._busy, None
+        if busy is not None:
+            rid, action = self._busy_req
+            self._set_last(rid, action, "failed", f"interrupted: the daemon stopped during {busy}; the previous "
+                           "model stayed active (push it again)")
+        if busy is not None or self._status_dirty:
+            self._publish_status()
 
     # --- frame loop side (called from the loop thread; must be cheap) ---------------------------------
 
@@ -481,9 +571,9 @@ class UpdateManager:
     # --- commands -------------------------------------------------------------------------------
 
     def _on_command(self, topic: str, payload: bytes, origin: str = "mqtt") -> None:
-        """MQTT callback (network thread): parse, check busy, queue; never blocks for long."""
+        """MQTT callback (network thread): parse, authorise, check busy, journal, queue; never blocks for long."""
         try:
-            req = parse_command(payload, self.ucfg.max_bytes, origin)
+            req = parse_command(payload, self.ucfg.max_bytes, origin, self.keys)
         except Refused as e:
             m = _ID_RE.search(payload[:1024])
             self._refuse(m.group(1).decode("utf-8", "replace") if m else None, "install", str(e), origin)
@@ -491,9 +581,13 @@ class UpdateManager:
         if req.id in self._handled:
             log.info("model update request %s from %s already handled; ignored (repeated delivery)", req.id, origin)
             return
-        self._remember(req.id)
         if req.action == "status":
-            self._publish_status()
+            self._reply_status(req.id)
+            return
+        try:
+            self._authorise(req, origin)
+        except Refused as e:
+            self._refuse(req.id, req.action, str(e), origin)
             return
         with self._lock:
             busy = self._busy
@@ -503,11 +597,81 @@ class UpdateManager:
                         "frames)")
             if busy is None:
                 self._busy = f"{req.action} {req.id} from {origin}"
+                self._busy_req = (req.id, req.action)
         if busy is not None:
+            # Not remembered: the same request may be sent again once the device is idle.
             self._refuse(req.id, req.action, f"busy: {busy}; one update at a time, retry when model/status "
                                              "says idle", origin)
             return
+        try:
+            if req.signed_by is not None:
+                self._record_replay_floor(req)
+            # Journal first, so that a kill from here on leaves an "interrupted" report at the next start.
+            req.staging = self.store.new_staging({"id": req.id, "action": req.action, "origin": req.origin,
+                                                  **({"url": req.url} if req.url else {})})
+        except (StoreError, OSError) as e:
+            with self._lock:
+                self._busy = None
+            self._refuse(req.id, req.action, f"cannot record the request in {self.store.root}: {e}", origin)
+            return
+        self._remember(req.id)
         self._jobs.put(("request", req))
+
+    def _authorise(self, req: Request, origin: str) -> None:
+        """Refused unless this device may obey ``req``: signed (or unsigned allowed), for us, fresh."""
+        if req.signed_by is None:
+            if req.action == "install" and not self.ucfg.allow_unsigned:
+                raise Refused("unsigned install command refused: push with `fer-edge model push BUNDLE --key KEY` "
+                              "(signed format 2 commands); unsigned ones need update.allow_unsigned = true")
+            if req.action == "rollback" and not self.ucfg.allow_unsigned_rollback:
+                raise Refused("unsigned rollback command refused: use `fer-edge model rollback --key KEY`, or set "
+                              "update.allow_unsigned_rollback = true to let any broker client roll back")
+            return
+        mine = {"device": self.cfg.device.id} if origin == "mqtt" else {"group": origin.split(":", 1)[1]}
+        if req.target != mine:
+            (kind, name), = req.target.items()
+            raise Refused(f"signed command is for {kind} {name!r} but arrived on the topic of "
+                          f"{next(iter(mine))} {next(iter(mine.values()))!r}")
+        now = time.time()
+        if req.issued_at > now + MAX_FUTURE_S:
+            raise Refused(f"signed command issued {req.issued_at - now:.0f} s in the future by this device's clock "
+                          "(device or operator clock wrong? check NTP)")
+        age = self.ucfg.command_max_age_s
+        if age and now - req.issued_at > age:
+            raise Refused(f"signed command expired: issued {now - req.issued_at:.0f} s ago, more than "
+                          f"update.command_max_age_s ({age:g} s); push it again (or check the device clock)")
+        if req.issued_at <= self._last_issued:
+            raise Refused(f"signed command replayed or out of order: issued at {_iso(req.issued_at)}, not after "
+                          f"the last command this device accepted ({_iso(self._last_issued)})")
+
+    def _record_replay_floor(self, req: Request) -> None:
+        """Persist the accepted command's issue time before acting on it: a restart reopens no replays."""
+        self.store.ensure()
+        atomic_write(self.store.root / REPLAY_FILE,
+                     json.dumps({"last_issued_at": req.issued_at, "last_id": req.id, "at": utc_now()}).encode())
+        self._last_issued = req.issued_at
+
+    def _load_replay_floor(self) -> None:
+        path = self.store.root / REPLAY_FILE
+        try:
+            value = json.loads(path.read_bytes()[:4096])["last_issued_at"]
+            if isinstance(value, (int, float)) and value == value:
+                self._last_issued = float(value)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # Unreadable floor: refuse everything issued before now rather than reopen every replay.
+            self._last_issued = time.time()
+            log.error("model updates: %s unreadable (%s); only commands issued from now on are accepted", path, e)
+
+    def _reply_status(self, rid: str) -> None:
+        """Answer a status request with its own id (not retained: the retained status keeps the last result)."""
+        if self._publisher is None:
+            return
+        payload = self.status()
+        payload["last"] = {k: payload[k] for k in ("request_id", "action", "result", "error", "detail")}
+        payload.update(request_id=rid, action="status", result="status", error=None, detail=None)
+        self._publisher.publish(STATUS_SUFFIX, payload, qos=1, retain=False)
 
     def _refuse(self, rid: str | None, action: str, msg: str, origin: str) -> None:
         log.warning("model update request %s from %s refused: %s", rid or "?", origin, msg)
@@ -524,9 +688,9 @@ class UpdateManager:
 
     def _load_handled(self) -> None:
         try:
-            ids = json.loads((self.store.root / HANDLED_FILE).read_text())
+            ids = json.loads((self.store.root / HANDLED_FILE).read_bytes()[:65536])
             self._handled.extend(str(i) for i in ids if isinstance(i, str))
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, RecursionError):
             pass
 
     # --- worker ---------------------------------------------------------------------------------
@@ -560,6 +724,8 @@ class UpdateManager:
                 else:
                     self._install(req)
             finally:
+                if req.action == "rollback":
+                    self.store.discard(req.staging)
                 with self._lock:
                     self._busy = None
                 self._publish_status()
@@ -601,25 +767,32 @@ class UpdateManager:
         """Run one install request to its end: installed (and handed to the loop), refused or failed."""
         log.info("model update request %s from %s: %s", req.id, req.origin,
                  f"download {req.url}" if req.url else ("drop-in file" if req.path else "inline bundle"))
+        staging = req.staging
+        try:
+            if staging is None:
+                staging = self.store.new_staging({"id": req.id, "action": "install", "origin": req.origin})
+        except StoreError as e:
+            self._fail(req, "failed", str(e))
+            return
         self._set_last(req.id, "install", "accepted", None)
         self._publish_status()
-        staging = None
         try:
-            data, staging = self._obtain(req)
+            data = self._obtain(req, staging)
+            if req.size is not None and len(data) != req.size:
+                raise Refused(f"size mismatch: the bundle received is {len(data)} bytes, the signed command says "
+                              f"{req.size} (truncated in transit, or another file)")
             if req.sha256 is not None:
                 got = hashlib.sha256(data).hexdigest()
                 if got != req.sha256:
                     raise Refused(f"sha256 mismatch: the bundle received hashes to {got[:12]}…, the command "
                                   f"says {req.sha256[:12]}… (corrupted or truncated in transit, or wrong file)")
-            bundle = read_bundle(data)
-            try:
-                keys = load_public_keys(self.ucfg.public_keys)
-            except BundleError as e:
-                raise Refused(f"update.public_keys: {e}") from None
-            signer = verify_bundle(bundle, keys, allow_unsigned=self.ucfg.allow_unsigned)
-            if staging is None:
-                staging = self.store.new_staging({"id": req.id, "action": "install", "origin": req.origin})
-            model_path = self.store.write_model(staging, bundle.manifest_bytes, bundle.model_bytes)
+            # The signature is checked over the exact bytes before the tar inside is read.
+            bundle, signer = load_verified(data, self.keys, allow_unsigned=self.ucfg.allow_unsigned)
+            if req.version is not None and bundle.version != req.version:
+                raise Refused(f"the bundle holds model version {bundle.version}, the signed command names "
+                              f"{req.version}")
+            model_path = self.store.write_model(staging, bundle.manifest_bytes, bundle.model_bytes, data)
+            del data, bundle
             clf, summary = validate_model(model_path, threads=self.cfg.model.threads, expect_labels=self._labels)
             active = self._active
             if active is not None and clf.sha256 == active.sha256:
@@ -630,6 +803,9 @@ class UpdateManager:
             entry = self.store.commit(staging, version=clf.version, sha256=clf.sha256, origin=req.origin)
             staging = None
             clf.path = self.store.model_path(entry)  # same file, renamed into place with its directory
+        except Cancelled as e:
+            self._fail(req, "failed", f"interrupted: {e}; the previous model stayed active (push it again)")
+            return
         except (Refused, BundleError, ModelError) as e:
             msg = str(e)
             if staging is not None:  # the temporary path means nothing to the operator
@@ -647,8 +823,8 @@ class UpdateManager:
             self._probation = _Probation(entry.sha256, entry.version)
             self._pending = clf
         self.installs += 1
-        detail = (f"installed {entry.version} signed by {signer}; self-test agreement {summary['agreement']:.0%} "
-                  f"on {summary['faces']} reference faces; on probation for {self.ucfg.probation_frames} frames")
+        detail = (f"installed {entry.version} signed by {signer}; {describe_self_test(summary)}; "
+                  f"on probation for {self.ucfg.probation_frames} frames")
         log.info("model update request %s: %s", req.id, detail)
         self._set_last(req.id, "install", "installed", None, detail)
 
@@ -656,29 +832,24 @@ class UpdateManager:
         log.warning("model update request %s from %s %s: %s", req.id, req.origin, result, msg)
         self._set_last(req.id, "install", result, msg)
 
-    def _obtain(self, req: Request) -> tuple[bytes, Path | None]:
-        """The bundle bytes of a request (size-limited), plus the staging directory if one was needed."""
+    def _obtain(self, req: Request, staging: Path) -> bytes:
+        """The bundle bytes of a request, never more than update.max_bundle_mb read."""
         limit = self.ucfg.max_bytes
         if req.path is not None:
-            data = req.path.read_bytes()
+            with open(req.path, "rb") as fh:  # the file may have grown since it was measured
+                data = fh.read(limit + 1)
         elif req.url is not None:
-            staging = self.store.new_staging({"id": req.id, "action": "install", "origin": req.origin,
-                                              "url": req.url})
-            try:
-                return fetch(req.url, staging / "bundle.part", max_bytes=limit,
-                             timeout_s=self.ucfg.http_timeout_s, ca_file=self.ucfg.ca_file), staging
-            except BaseException:
-                self.store.discard(staging)
-                raise
+            return fetch(req.url, staging / "bundle.part", max_bytes=limit, timeout_s=self.ucfg.http_timeout_s,
+                         ca_file=self.ucfg.ca_file, cancel=self._stop)
         else:
             try:
                 data = base64.b64decode(req.bundle_b64 or "", validate=True)
             except (binascii.Error, ValueError):
                 raise Refused("bundle is not valid base64") from None
         if len(data) > limit:
-            raise Refused(f"bundle of {len(data)} bytes exceeds the {limit / 1048576:g} MiB limit "
-                          "(update.max_bundle_mb)")
-        return data, None
+            raise Refused(f"bundle of {len(data) if req.path is None else 'over ' + str(limit)} bytes exceeds the "
+                          f"{limit / 1048576:g} MiB limit (update.max_bundle_mb)")
+        return data
 
     # --- rollback --------------------------------------------------------------------------------
 
@@ -758,12 +929,13 @@ class UpdateManager:
             if self._inbox_seen.get(p.name) != sig or time.time() - st.st_mtime < 1.0 \
                     or (p.name, sig) in self._inbox_stuck:
                 continue
+            req = Request(id=f"inbox-{p.name}-{secrets.token_hex(3)}", action="install", origin=f"inbox:{p.name}",
+                          path=p)
             with self._lock:
                 if self._busy is not None or (self._probation is not None and not self._probation.done):
                     return
                 self._busy = f"install of drop-in {p.name}"
-            req = Request(id=f"inbox-{p.name}-{secrets.token_hex(3)}", action="install", origin=f"inbox:{p.name}",
-                          path=p)
+                self._busy_req = (req.id, "install")
             try:
                 if st.st_size > self.ucfg.max_bytes:
                     self._fail(req, "refused", f"{p.name} is {st.st_size} bytes, over the "

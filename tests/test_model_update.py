@@ -2,7 +2,9 @@
 HTTP fetch limits, and the running daemon against a real mosquitto receiving good and bad updates over MQTT,
 HTTP and the drop-in directory, with hot swaps, automatic and manual rollback, and kill -9 mid-install.
 
-Test models are tiny Keras nets converted to TFLite once per session (skipped cleanly without TensorFlow).
+Good test models are the shipped model with bytes appended (tests/update_helpers.py); models that must be
+refused (wrong output size, constant, NaN) are tiny Keras nets converted to TFLite once per session
+(those tests skip cleanly without TensorFlow).
 """
 
 from __future__ import annotations
@@ -26,19 +28,18 @@ import pytest
 pytest.importorskip("cryptography", reason="cryptography not installed (pip install cryptography)")
 
 from broker import Subscriber  # noqa: E402
-from edge.bundle import (Bundle, generate_keypair, key_id, load_private_key, public_key_text,  # noqa: E402
-                         sign_bundle, write_bundle)
+from edge.bundle import Bundle, sign_bundle, write_bundle  # noqa: E402
 from edge.classify import DEFAULT_MODEL, ModelError, load_classifier  # noqa: E402
 from edge.config import load_config  # noqa: E402
 from edge.model_store import (ModelStore, StoreError, ValidationError, compare_versions, self_test,  # noqa: E402
                               validate_model, version_key)
 from edge.updates import Refused, UpdateManager, fetch, parse_command  # noqa: E402
+from update_helpers import (BASE_MANIFEST, BASE_SHA, LABELS, good_model, install_into, make_bundle,  # noqa: E402
+                            make_keys, manifest_for, sha, signed_install, signed_rollback)
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_MANIFEST = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
-LABELS = list(BASE_MANIFEST["labels"])
-BASE_SHA = hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest()
 FINAL = ("installed", "refused", "failed", "rolled_back")
+GOOD_A, GOOD_B, GOOD_C = good_model(1), good_model(2), good_model(3)
 
 TF_SCRIPT = r"""
 import os, sys
@@ -59,17 +60,22 @@ def make(name, n_out, seed, constant=False):
     with open(os.path.join(out, name + ".tflite"), "wb") as fh:
         fh.write(data)
 
-make("good_a", n_labels, 1)
-make("good_b", n_labels, 2)
-make("good_c", n_labels, 5)
 make("out5", 5 if n_labels != 5 else 6, 3)
 make("const", n_labels, 4, constant=True)
+# nan: a model whose every output is NaN (a NaN bias through softmax)
+tf.keras.utils.set_random_seed(6)
+inp = tf.keras.Input((48, 48, 1), batch_size=1)
+x = tf.keras.layers.GlobalAveragePooling2D()(inp)
+x = tf.keras.layers.Dense(n_labels, bias_initializer=tf.keras.initializers.Constant(float("nan")))(x)
+x = tf.keras.layers.Softmax()(x)
+with open(os.path.join(out, "nan.tflite"), "wb") as fh:
+    fh.write(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(inp, x)).convert())
 """
 
 
 @pytest.fixture(scope="session")
 def tf_models(tmp_path_factory) -> dict[str, bytes]:
-    """Tiny float TFLite models: good_a/good_b/good_c (right labels), out5 (wrong output size), const."""
+    """Tiny float TFLite models that must be refused: out5 (wrong output size), const, nan."""
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("tensorflow not installed (pip install fer-edge[train]): cannot make the test models")
     out = tmp_path_factory.mktemp("tf_models")
@@ -81,32 +87,7 @@ def tf_models(tmp_path_factory) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, dict]:
-    d = tmp_path_factory.mktemp("keys")
-    out = {}
-    for name in ("op", "other"):
-        pem, raw = generate_keypair()
-        (d / f"{name}.key").write_bytes(pem)
-        (d / f"{name}.pub").write_text(public_key_text(raw))
-        out[name] = {"key": load_private_key(d / f"{name}.key"), "key_path": d / f"{name}.key",
-                     "pub": d / f"{name}.pub", "id": key_id(raw)}
-    return out
-
-
-def manifest_for(model: bytes, version: str, labels=None) -> bytes:
-    man = {"format": "fer-edge-model/1", "name": "test", "version": version, "file": "model.tflite",
-           "sha256": hashlib.sha256(model).hexdigest(), "size_bytes": len(model), "labels": labels or LABELS,
-           "input": {"size": 48, "channels": 1, "color": "gray", "scale": 1 / 255.0, "offset": 0.0, "margin": 0.0},
-           "output": {"activation": "softmax"}}
-    return json.dumps(man, indent=1).encode()
-
-
-def make_bundle(model: bytes, version: str, key=None, labels=None) -> bytes:
-    b = Bundle(manifest_for(model, version, labels), model)
-    return write_bundle(sign_bundle(b, key) if key is not None else b)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 # --- versions and the store ---------------------------------------------------------------------------
@@ -141,10 +122,16 @@ def test_store_install_keep_previous_rollback_and_cleanup(tmp_path):
     assert not (store.root / e1.dir).exists(), "models beyond keep_previous are deleted"
     assert sha(store.model_path(e3).read_bytes()) == e3.sha256
     assert store.end_probation(e3.sha256) and store.read_pointer().probation is None
-    new, removed = store.rollback()
-    assert new == e2 and removed == e3 and not (store.root / e3.dir).exists()
-    new, removed = store.rollback()
-    assert new is None and removed == e2  # back to the base model
+    # Rollback keeps the model it leaves ("retired"); only retired models past keep_previous are deleted.
+    new, left = store.rollback()
+    assert new == e2 and left == e3 and (store.root / e3.dir).is_dir()
+    assert store.read_pointer().retired == [e3]
+    store.cleanup()
+    assert (store.root / e3.dir).is_dir(), "start-up cleanup keeps retired models"
+    new, left = store.rollback()
+    assert new is None and left == e2  # back to the base model
+    assert store.read_pointer().retired == [e2] and (store.root / e2.dir).is_dir()
+    assert not (store.root / e3.dir).exists(), "the retention rule: one retired model with keep_previous = 1"
     with pytest.raises(StoreError, match="nothing to roll back to"):
         store.rollback()
     # Leftovers of an interrupted install and unreferenced model dirs go; unrelated things stay.
@@ -156,7 +143,7 @@ def test_store_install_keep_previous_rollback_and_cleanup(tmp_path):
     (store.root / "inbox").mkdir()
     interrupted = store.cleanup(keep=(store.root / "inbox",))
     assert [r["id"] for r in interrupted] == ["req-42"]
-    assert sorted(p.name for p in store.root.iterdir()) == sorted(["active.json", e4.dir, "inbox"])
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(["active.json", e4.dir, e2.dir, "inbox"])
 
 
 def test_corrupt_pointer_is_reported_and_models_are_left_alone(tmp_path):
@@ -206,7 +193,7 @@ def test_kill_9_at_random_moments_never_leaves_a_half_installed_model(tmp_path):
         store = ModelStore(root, keep_previous=1)
         store.cleanup()
         ptr = store.read_pointer()
-        entries = ([ptr.active] if ptr.active else []) + ptr.previous
+        entries = ([ptr.active] if ptr.active else []) + ptr.previous + ptr.retired
         for e in entries:
             assert sha(store.model_path(e).read_bytes()) == e.sha256, f"{e.dir} incomplete after kill -9"
             assert json.loads((root / e.dir / "model.json").read_text())["sha256"] == e.sha256
@@ -225,16 +212,40 @@ def _write(tmp_path: Path, model: bytes, version="1.0", labels=None) -> Path:
     return p
 
 
+def test_self_test_figure_means_something(tmp_path):
+    """Issue 21: the self-test counts labelled FER-2013 test faces (10 per class) and refuses a model below
+    its floor; the shipped model gets most of them, the same model with its labels shuffled gets few."""
+    from edge.model_store import SELFTEST_MIN_AGREEMENT, describe_self_test, load_reference_faces
+
+    faces, labels, _ = load_reference_faces()
+    assert len(faces) == 70 and sorted(set(labels)) == sorted(LABELS) and all(labels.count(c) == 10 for c in LABELS)
+    summary = self_test(load_classifier())
+    assert summary["agreement"] >= 0.6, summary  # model card: 69% on the whole test split
+    assert summary["correct"] == round(summary["agreement"] * 70)
+    line = describe_self_test(summary)
+    assert f"{summary['correct']} of 70 labelled FER-2013 test faces right" in line and "refused below 35%" in line
+    # Same weights, labels in another order: reads every face as the wrong emotion -> refused by the floor.
+    rotated = LABELS[1:] + LABELS[:1]
+    with pytest.raises(ValidationError, match=r"only \d+ of 70 labelled reference faces right .* floor 35%"):
+        validate_model(_write(tmp_path, GOOD_A, "2", labels=rotated))
+    assert SELFTEST_MIN_AGREEMENT == 0.35
+
+
+def test_nan_output_model_is_refused_as_nan(tmp_path, tf_models):
+    with pytest.raises(ValidationError, match="outputs NaN/inf"):
+        validate_model(_write(tmp_path, tf_models["nan"], "6"))
+
+
 def test_validation_and_self_test(tmp_path, tf_models):
-    clf, summary = validate_model(_write(tmp_path, tf_models["good_a"]), expect_labels=LABELS)
-    assert summary["faces"] >= 6 and len(summary["predicted"]) == summary["faces"]
-    assert self_test(load_classifier())["faces"] == summary["faces"]  # the bundled model passes too
+    clf, summary = validate_model(_write(tmp_path, GOOD_A), expect_labels=LABELS)
+    assert summary["faces"] == 70 and len(summary["predicted"]) == summary["faces"]
+    assert self_test(load_classifier())["predicted"] == summary["predicted"]  # the bundled model: same answers
     with pytest.raises(ModelError, match="5 outputs but the manifest lists 7 labels"):
         validate_model(_write(tmp_path, tf_models["out5"], "2"))
     with pytest.raises(ValidationError, match="same output for every reference face"):
         validate_model(_write(tmp_path, tf_models["const"], "3"))
     with pytest.raises(ValidationError, match="differ from the running pipeline's"):
-        validate_model(_write(tmp_path, tf_models["good_a"], "4", labels=list(reversed(LABELS))),
+        validate_model(_write(tmp_path, GOOD_A, "4", labels=list(reversed(LABELS))),
                        expect_labels=LABELS)
     with pytest.raises(ModelError, match="not a loadable TFLite model"):
         validate_model(_write(tmp_path, b"\x00" * 4096, "5"))
@@ -251,10 +262,39 @@ def test_parse_command_refuses_malformed_commands():
                      ({**good, "bundle": "AAAA"}, "exactly one of"),
                      ({**good, "force": "yes"}, "force must be true or false"),
                      ({**good, "id": ""}, "id must be a string"),
-                     (b"x" * (limit * 2 + 70000), "exceeds the limit")):
+                     (b"x" * (limit * 2 + 70000), "exceeds the limit"),
+                     (b"[" * 60000, "nested 60000 levels deep"),  # issue 20 item 6: no RecursionError
+                     (b'{"a":' * 20 + b"1" + b"}" * 20, "nested 20 levels deep"),
+                     ({"command": "{}", "signature": {"alg": "ed25519", "key_id": "x", "sig": "AA=="}},
+                      "signed command refused: command signed with unknown key x")):
         with pytest.raises(Refused, match=msg):
             parse_command(cmd if isinstance(cmd, bytes) else json.dumps(cmd).encode(), limit, "mqtt")
     assert parse_command(b'{"action": "rollback"}', limit, "mqtt").id  # an id is made up when missing
+    # Brackets inside strings are not nesting.
+    assert parse_command(json.dumps({**good, "id": "[" * 50}).encode(), limit, "mqtt").id == "[" * 50
+
+
+def test_signed_commands_cover_what_they_authorise(keys):
+    """Issue 20 item 3: force, version, target and issue time are inside the signature."""
+    from edge.bundle import load_public_keys
+
+    trusted = load_public_keys([str(keys["op"]["pub"])])
+    bundle = make_bundle(GOOD_A, "9000.1", keys["op"]["key"])
+    msg = signed_install(keys["op"]["key"], "s1", bundle, device="cam1")
+    req = parse_command(json.dumps(msg).encode(), 10**7, "mqtt", trusted)
+    assert (req.signed_by, req.force, req.version, req.target, req.size) == (
+        keys["op"]["id"], False, "9000.1", {"device": "cam1"}, len(bundle))
+    body = json.loads(msg["command"])
+    for field, value in (("force", True), ("version", "0.1"), ("target", {"device": "cam2"}),
+                         ("issued_at", body["issued_at"] + 1), ("sha256", "0" * 64)):
+        forged = dict(msg, command=json.dumps({**body, field: value}, sort_keys=True, separators=(",", ":")))
+        with pytest.raises(Refused, match="signature does not verify"):
+            parse_command(json.dumps(forged).encode(), 10**7, "mqtt", trusted)
+    with pytest.raises(Refused, match="unknown key"):
+        parse_command(json.dumps(signed_install(keys["other"]["key"], "s2", bundle, device="cam1")).encode(),
+                      10**7, "mqtt", trusted)
+    with pytest.raises(Refused, match="is not the signed id"):
+        parse_command(json.dumps(dict(msg, id="other")).encode(), 10**7, "mqtt", trusted)
 
 
 class _Files(BaseHTTPRequestHandler):
@@ -321,18 +361,19 @@ def test_fetch_limits(http, tmp_path):
 
 # --- start-up with a store ------------------------------------------------------------------------------
 
-def _cfg(tmp_path: Path, **extra: str):
+def _cfg(tmp_path: Path, keys=None, **extra: str):
+    keyset = {"update.public_keys": str(keys["op"]["pub"])} if keys else {}
     return load_config(None, {"device.id": "t-store", "device.state_dir": str(tmp_path / "state"),
-                              "mqtt.enabled": "false", **extra}, env={})
+                              "mqtt.enabled": "false", **keyset, **extra}, env={})
 
 
-def test_restarts_during_probation_roll_back(tmp_path, tf_models):
+def test_restarts_during_probation_roll_back(tmp_path, keys):
     """A model that never finished its probation (the daemon died twice) is rolled back at the next start."""
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, keys)
     store = ModelStore(Path(cfg.device.state_dir) / "models")
-    _install(store, tf_models["good_a"], "9000.1")
+    install_into(store, GOOD_A, "9000.1", keys["op"]["key"])
     m1 = UpdateManager(cfg)
-    assert m1.load_initial().sha256 == sha(tf_models["good_a"])  # first restart: still gets its chance
+    assert m1.load_initial().sha256 == sha(GOOD_A)  # first restart: still gets its chance
     m2 = UpdateManager(cfg)
     clf = m2.load_initial()
     assert clf.sha256 == BASE_SHA
@@ -341,19 +382,112 @@ def test_restarts_during_probation_roll_back(tmp_path, tf_models):
     assert st["sha256"] == BASE_SHA and st["origin"] == "bundled" and store.read_pointer().active is None
 
 
-def test_installed_model_that_no_longer_loads_falls_back(tmp_path, tf_models):
-    cfg = _cfg(tmp_path)
+def test_installed_model_that_no_longer_loads_falls_back(tmp_path, keys):
+    cfg = _cfg(tmp_path, keys)
     store = ModelStore(Path(cfg.device.state_dir) / "models")
-    good = _install(store, tf_models["good_a"], "9000.1")
+    good = install_into(store, GOOD_A, "9000.1", keys["op"]["key"])
     store.end_probation(good.sha256)
-    bad = _install(store, tf_models["good_b"], "9000.2")
+    bad = install_into(store, GOOD_B, "9000.2", keys["op"]["key"])
     store.end_probation(bad.sha256)
     store.model_path(bad).write_bytes(b"bit rot")
     m = UpdateManager(cfg)
     clf = m.load_initial()
     assert clf.sha256 == good.sha256
     st = m.status()
-    assert st["result"] == "rolled_back" and "does not load" in st["error"] and st["version"] == "9000.1"
+    assert st["result"] == "rolled_back" and "fails its signature check" in st["error"] and st["version"] == "9000.1"
+    assert "altered or damaged on disk" in st["error"]
+
+
+@pytest.mark.parametrize("case", ["no bundle", "unsigned bundle", "other key", "swapped model"])
+def test_installed_model_is_verified_at_start(tmp_path, keys, case):
+    """Issue 20: a model placed in state_dir/models with an active.json loads only if the signed bundle
+    beside it verifies with today's keys and holds exactly the files that would load."""
+    cfg = _cfg(tmp_path, keys)
+    store = ModelStore(Path(cfg.device.state_dir) / "models")
+    signer = {"unsigned bundle": None, "other key": keys["other"]["key"]}.get(case, keys["op"]["key"])
+    e = install_into(store, GOOD_A, "666", signer)
+    store.end_probation(e.sha256)
+    d = store.root / e.dir
+    if case == "no bundle":
+        (d / "bundle").unlink()
+    if case == "swapped model":  # another model's files under a signed bundle, pointer sha updated to match
+        (d / "model.tflite").write_bytes(GOOD_B)
+        (d / "model.json").write_bytes(manifest_for(GOOD_B, "666"))
+        ptr = json.loads(store.pointer_path.read_text())
+        ptr["active"]["sha256"] = sha(GOOD_B)
+        store.pointer_path.write_text(json.dumps(ptr))
+    m = UpdateManager(cfg)
+    clf = m.load_initial()
+    assert clf.sha256 == BASE_SHA and clf.version != "666"
+    st = m.status()
+    assert st["result"] == "rolled_back" and "fails its signature check" in st["error"], st
+    assert (d / "model.tflite").exists(), "the refused model is retired, not deleted"
+
+
+def test_unsigned_commands_and_replays_do_nothing(tmp_path, keys):
+    """Issue 20 items 3, 4, 8 in-process: unsigned rollback is refused (and deletes nothing), replays and
+    expired, future or misdirected commands are refused, the replay floor survives a restart, a status
+    request is answered with its own id, and an id refused as busy can be sent again."""
+    cfg = _cfg(tmp_path, keys, **{"device.id": "cam1"})
+    store = ModelStore(Path(cfg.device.state_dir) / "models")
+    for v, model in (("9000.1", GOOD_A), ("9000.2", GOOD_B)):
+        store.end_probation(install_into(store, model, v, keys["op"]["key"]).sha256)
+    dirs = sorted(p.name for p in store.root.iterdir())
+    sent: list[tuple[dict, bool]] = []
+
+    class Pub:
+        def publish(self, suffix, payload, qos=0, retain=False):
+            sent.append((payload, retain))
+            return True
+
+    def manager():
+        m = UpdateManager(cfg)
+        m.load_initial()
+        m._publisher = Pub()
+        return m
+
+    def send(m, msg, origin="mqtt"):
+        m._on_command("x", json.dumps(msg).encode() if isinstance(msg, dict) else msg, origin)
+        return sent[-1][0]
+
+    m = manager()
+    op = keys["op"]["key"]
+    for i in range(2):
+        st = send(m, {"id": f"anon{i}", "action": "rollback"})
+        assert st["result"] == "refused" and "unsigned rollback command refused" in st["error"]
+    st = send(m, {"id": "anon-install", "action": "install", "bundle": "AAAA", "sha256": "a" * 64})
+    assert "unsigned install command refused" in st["error"]
+    assert m._jobs.empty() and sorted(p.name for p in store.root.iterdir()) == dirs
+    # A status request is answered with its own id, not retained; the last real result stays in "last".
+    st, retained = send(m, {"id": "ask-1", "action": "status"}), sent[-1][1]
+    assert st["request_id"] == "ask-1" and st["result"] == "status" and not retained
+    assert st["last"]["request_id"] == "anon-install"
+    # Freshness: too old, from the future, for another device or group.
+    now = time.time()
+    for msg, origin, why in ((signed_rollback(op, "old", device="cam1", issued_at=now - 2000), "mqtt", "expired"),
+                             (signed_rollback(op, "future", device="cam1", issued_at=now + 3600), "mqtt",
+                              "in the future"),
+                             (signed_rollback(op, "other", device="cam2"), "mqtt", "is for device 'cam2'"),
+                             (signed_rollback(op, "grp", device="cam1"), "group:floor2", "arrived on the topic of group")):
+        st = send(m, msg, origin)
+        assert st["result"] == "refused" and why in st["error"], st
+    # Busy: refused and not remembered, so the same signed command is accepted once idle.
+    fresh = signed_rollback(op, "rb-1", device="cam1")
+    m._busy = "install x from mqtt"
+    st = send(m, fresh)
+    assert st["error"].startswith("busy") and "rb-1" not in m._handled
+    m._busy = None
+    send(m, fresh)
+    assert "rb-1" in m._handled and m._jobs.qsize() == 1
+    assert list(store.root.glob(".tmp-*/request.json")), "accepted requests are journalled before they run"
+    # A replay (another id, same or older issue time) is refused, also after a restart.
+    body = json.loads(fresh["command"])
+    older = signed_rollback(op, "rb-0", device="cam1", issued_at=body["issued_at"] - 1)
+    st = send(m, older)
+    assert "replayed or out of order" in st["error"]
+    m2 = manager()
+    st = send(m2, older)
+    assert "replayed or out of order" in st["error"], st
 
 
 # --- the frame loop in-process: hot swap and automatic rollback ----------------------------------------------
@@ -400,15 +534,14 @@ def _status(sub: Subscriber, topic: str, rid: str | None, timeout: float = 30, r
     return match()
 
 
-def test_hot_swap_between_frames_loses_nothing(tmp_path, broker, subscriber, keys, tf_models):
+def test_hot_swap_between_frames_loses_nothing(tmp_path, broker, subscriber, keys):
     """Lossless source: every frame is processed across the swap, events switch model sha, lifecycles stay whole."""
     svc, events, th = _service(tmp_path, broker, keys, "t-swap")
     sub = subscriber("fer-edge/t-swap/#")
     th.start()
     _wait(lambda: len(events) >= 1, 30, "a first event")
-    bundle = make_bundle(tf_models["good_a"], "9000.1", keys["op"]["key"])
-    _publish(sub, "fer-edge/t-swap/cmd/model", {"id": "swap-1", "bundle": base64.b64encode(bundle).decode(),
-                                               "sha256": sha(bundle)})
+    bundle = make_bundle(GOOD_A, "9000.1", keys["op"]["key"])
+    _publish(sub, "fer-edge/t-swap/cmd/model", signed_install(keys["op"]["key"], "swap-1", bundle, device="t-swap"))
     st = _status(sub, "fer-edge/t-swap/model/status", "swap-1")
     assert st["result"] == "installed", st
     th.join(120)
@@ -416,9 +549,9 @@ def test_hot_swap_between_frames_loses_nothing(tmp_path, broker, subscriber, key
     # Lossless: the capture thread waits for the loop, so only the frame in flight at the stop is overwritten.
     assert svc.frames == 420 and svc.source.dropped <= 1
     shas = [e["model"]["sha256"] for e in events]
-    assert shas[0] == BASE_SHA and shas[-1] == sha(tf_models["good_a"])
-    switch = shas.index(sha(tf_models["good_a"]))
-    assert set(shas[:switch]) == {BASE_SHA} and set(shas[switch:]) == {sha(tf_models["good_a"])}
+    assert shas[0] == BASE_SHA and shas[-1] == sha(GOOD_A)
+    switch = shas.index(sha(GOOD_A))
+    assert set(shas[:switch]) == {BASE_SHA} and set(shas[switch:]) == {sha(GOOD_A)}
     assert {e["model"]["version"] for e in events[switch:]} == {"9000.1"}
     faces: dict[str, list[str]] = {}
     for e in events:
@@ -427,8 +560,7 @@ def test_hot_swap_between_frames_loses_nothing(tmp_path, broker, subscriber, key
     assert svc.error_counts["classify"] == 0
 
 
-def test_failure_during_probation_rolls_back_automatically(tmp_path, broker, subscriber, keys, tf_models,
-                                                          monkeypatch, caplog):
+def test_failure_during_probation_rolls_back_automatically(tmp_path, broker, subscriber, keys, monkeypatch, caplog):
     """The new model passes every check but then fails on live frames: the old one is back within a frame."""
     import edge.updates
 
@@ -449,9 +581,8 @@ def test_failure_during_probation_rolls_back_automatically(tmp_path, broker, sub
     sub = subscriber("fer-edge/t-auto/#")
     th.start()
     _wait(lambda: len(events) >= 1, 30, "a first event")
-    bundle = make_bundle(tf_models["good_a"], "9000.1", keys["op"]["key"])
-    _publish(sub, "fer-edge/t-auto/cmd/model", {"id": "auto-1", "bundle": base64.b64encode(bundle).decode(),
-                                               "sha256": sha(bundle)})
+    bundle = make_bundle(GOOD_A, "9000.1", keys["op"]["key"])
+    _publish(sub, "fer-edge/t-auto/cmd/model", signed_install(keys["op"]["key"], "auto-1", bundle, device="t-auto"))
     st = _status(sub, "fer-edge/t-auto/model/status", "auto-1", results=("rolled_back",))
     assert st["action"] == "auto_rollback" and "failed on a live frame during its probation" in st["error"]
     assert st["sha256"] == BASE_SHA and st["previous"] is None and st["state"] == "idle"
@@ -462,8 +593,10 @@ def test_failure_during_probation_rolls_back_automatically(tmp_path, broker, sub
     swaps = [r.getMessage() for r in caplog.records if "model swapped between frames" in r.getMessage()]
     assert len(swaps) == 2 and "-> 9000.1" in swaps[0] and swaps[1].startswith("model swapped between frames: 9000.1")
     assert len(events) > n and {e["model"]["sha256"] for e in events} == {BASE_SHA}
-    assert not [p for p in (tmp_path / "state" / "models").iterdir() if p.name not in
-                ("active.json", "requests.json", "inbox")], "the failed model is deleted"
+    models = tmp_path / "state" / "models"
+    ptr = json.loads((models / "active.json").read_text())
+    assert ptr["active"] is None and [e["sha256"] for e in ptr["retired"]] == [sha(GOOD_A)], "kept as retired"
+    assert not list(models.glob(".tmp-*"))
 
 
 # --- the daemon as a subprocess: every kind of bad update, then good ones ------------------------------------
@@ -547,9 +680,24 @@ class Device:
         return last()
 
 
-def install_cmd(rid: str, bundle: bytes, **extra) -> dict:
-    return {"id": rid, "action": "install", "bundle": base64.b64encode(bundle).decode(), "sha256": sha(bundle),
-            **extra}
+_OP_KEY: dict = {}
+
+
+def install_cmd(rid: str, bundle: bytes, device: str = "t-upd", **extra) -> dict:
+    """A signed install command for the daemon test's device (as `fer-edge model push --key` makes it)."""
+    if "group" in extra:
+        device = None
+    return signed_install(_OP_KEY["key"], rid, bundle, device=device,
+                          version=extra.pop("version", None) or _version_or_junk(bundle), **extra)
+
+
+def _version_or_junk(bundle: bytes) -> str:
+    from edge.bundle import BundleError, read_bundle
+
+    try:
+        return read_bundle(bundle).version
+    except BundleError:
+        return "junk"
 
 
 def test_daemon_refuses_bad_updates_installs_good_ones_and_survives_kill_9(
@@ -568,7 +716,7 @@ loop = true
 [update]
 public_keys = ["{keys['op']['pub']}"]
 groups = ["floor2"]
-max_bundle_mb = 0.25
+max_bundle_mb = 2.5
 watch_interval_s = 0.3
 probation_frames = 5
 probation_s = 3.0
@@ -589,7 +737,8 @@ reconnect_max_s = 1.0
     d1 = Daemon(tmp_path, conf, "d1")
     daemons.append(d1)
     op = keys["op"]["key"]
-    good_a, good_b, good_c = tf_models["good_a"], tf_models["good_b"], tf_models["good_c"]
+    _OP_KEY["key"] = op
+    good_a, good_b, good_c = GOOD_A, GOOD_B, GOOD_C
 
     # Start: the retained status names the bundled model; events carry its sha.
     _wait(lambda: dev.sub.on_topic(dev.status_topic), 30, f"a first model/status\n{d1.log()[-3000:]}")
@@ -619,11 +768,12 @@ reconnect_max_s = 1.0
             f"unknown key {keys['other']['id']}")
     # 4. unsigned
     refused(install_cmd("unsigned", make_bundle(good_a, "9000.1")), "unsigned", "not signed")
-    # 5. truncated (the sha256 matches what was sent: the file itself is cut short)
+    # 5. truncated (the sha256 matches what was sent: the file itself is cut short): the bundle signature over
+    #    the exact bytes fails before anything is unpacked
     full = make_bundle(good_a, "9000.1", op)
-    refused(install_cmd("truncated", full[: len(full) // 2]), "truncated", "truncated")
+    refused(install_cmd("truncated", full[: len(full) // 2]), "truncated", "bundle signature does not verify")
     # 6. wrong sha256
-    refused({**install_cmd("wrong-sha", full), "sha256": sha(b"something else")}, "wrong-sha", "sha256 mismatch")
+    refused(install_cmd("wrong-sha", full, sha256=sha(b"something else")), "wrong-sha", "sha256 mismatch")
     # 7. not a TFLite file (properly signed)
     refused(install_cmd("not-tflite", make_bundle(os.urandom(3000), "9000.1", op)), "not-tflite",
             "not a loadable TFLite model")
@@ -631,15 +781,22 @@ reconnect_max_s = 1.0
     refused(install_cmd("out5", make_bundle(tf_models["out5"], "9000.1", op)), "out5",
             f"outputs but the manifest lists {len(LABELS)} labels")
     # 9. oversized: inline (refused before parsing) and by URL
-    big = os.urandom(400_000)
+    big = os.urandom(2_800_000)
     refused(install_cmd("big-inline", big), "big-inline", "exceeds the limit")
     http.files["/big.bundle"] = big
-    refused({"id": "big-url", "url": f"{http.url}/big.bundle", "sha256": sha(big)}, "big-url", "over the 0.25 MiB")
+    refused(install_cmd("big-url", big, url=f"{http.url}/big.bundle"), "big-url", "over the 2.5 MiB")
     # 10. older version than the active one (sent to a fleet group the device is in)
-    refused(install_cmd("older", make_bundle(good_a, "0.0.0", op)), "older", "not newer than the active",
-            topic="fer-edge/group/floor2/cmd/model")
+    refused(install_cmd("older", make_bundle(good_a, "0.0.0", op), group="floor2"), "older",
+            "not newer than the active", topic="fer-edge/group/floor2/cmd/model")
+    # ... signed for the group but sent to the device topic, or for another device: refused.
+    refused(install_cmd("misdirected", full, group="floor2"), "misdirected", "is for group 'floor2'")
+    refused(install_cmd("other-dev", full, device="t-other"), "other-dev", "is for device 't-other'")
+    # ... unsigned (format 1) commands, the old way: refused, install and rollback alike.
+    refused({"id": "v1", "action": "install", "bundle": base64.b64encode(full).decode(), "sha256": sha(full)}, "v1",
+            "unsigned install command refused")
+    refused({"id": "anon-rb", "action": "rollback"}, "anon-rb", "unsigned rollback command refused")
     # ... on the group topic the device is not in: nothing happens.
-    dev.send(install_cmd("not-my-group", full), "fer-edge/group/lobby/cmd/model")
+    dev.send(install_cmd("not-my-group", full, group="lobby"), "fer-edge/group/lobby/cmd/model")
     dev.still_serving(BASE_SHA)
     assert not [m for m in dev.sub.on_topic(dev.status_topic) if b"not-my-group" in m.payload]
     assert not [p for p in models.iterdir() if p.name.startswith(".tmp-")], "refused installs leave nothing"
@@ -647,7 +804,7 @@ reconnect_max_s = 1.0
     # 11. two pushes at once: a slow download holds the first; the second is refused as busy.
     http.files["/a.bundle"] = full
     http.hold["/a.bundle"] = release_a = threading.Event()
-    n = dev.send({"id": "slow-a", "url": f"{http.url}/a.bundle", "sha256": sha(full)})
+    n = dev.send(install_cmd("slow-a", full, url=f"{http.url}/a.bundle"))
     dev.answer("slow-a", n, results=("accepted",))
     st = refused(install_cmd("second", make_bundle(good_b, "9000.2", op)), "second", "busy: install slow-a")
     assert st["state"] == "updating"
@@ -664,14 +821,14 @@ reconnect_max_s = 1.0
     bundle_b = make_bundle(good_b, "9000.2", op)
     http.files["/b.bundle"] = bundle_b
     http.hold["/b.bundle"] = threading.Event()
-    dev.send({"id": "killed", "url": f"{http.url}/b.bundle", "sha256": sha(bundle_b)})
+    dev.send(install_cmd("killed", bundle_b, url=f"{http.url}/b.bundle"))
     _wait(lambda: list(models.glob(".tmp-*/bundle.part")), 20, "the download to start")
     d1.stop(signal.SIGKILL)
     d2 = Daemon(tmp_path, conf, "d2")
     daemons.append(d2)
     st = dev.answer("killed", 0, results=("failed",))
     assert "interrupted" in st["error"] and st["sha256"] == sha(good_a) and st["version"] == "9000.1"
-    assert sorted(p.name for p in models.iterdir() if p.name not in ("inbox", "requests.json")) == \
+    assert sorted(p.name for p in models.iterdir() if p.name not in ("inbox", "requests.json", "commands.json")) == \
         sorted(["active.json", json.loads((models / "active.json").read_text())["active"]["dir"]])
     dev.serving(sha(good_a))  # the installed model survived the crash and the restart
 
@@ -682,12 +839,16 @@ reconnect_max_s = 1.0
     where = ["--host", broker.host, "--port", str(broker.port)]
     r = subprocess.run([*cli, "push", str(bundle_path), "--device", device, *where, "--timeout", "60"],
                        cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 2 and "no signing key: pass --key KEY" in r.stderr, r.stderr
+    r = subprocess.run([*cli, "push", str(bundle_path), "--device", device, *where, "--timeout", "60",
+                        "--key", str(keys["op"]["key_path"])], cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "installed" in r.stdout and "9000.2" in r.stdout
     dev.serving(sha(good_b))
     dev.idle()
     r = subprocess.run([*cli, "rollback", "--device", device, *where, "--timeout", "60"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=90)
+                       capture_output=True, text=True, timeout=90, env=dict(os.environ,
+                                                                         FER_EDGE_SIGNING_KEY=str(keys["op"]["key_path"])))
     assert r.returncode == 0 and "rolled_back" in r.stdout, r.stdout + r.stderr
     dev.serving(sha(good_a))
     r = subprocess.run([*cli, "status", "--device", device, *where, "--json"], cwd=ROOT, capture_output=True,
@@ -720,9 +881,13 @@ reconnect_max_s = 1.0
     dev.idle()
     n = dev.send(older)
     n_status = dev.send({"id": "ask", "action": "status"})
-    st = dev.answer("forced", n_status, results=("installed",))  # the status request just republishes
+    st = dev.answer("ask", n_status, results=("status",))  # answered with its own id
+    assert st["last"]["request_id"] == "forced" and st["last"]["result"] == "installed"
     assert len([m for m in dev.sub.on_topic(dev.status_topic)[n:] if b'"accepted"' in m.payload]) == 0
     assert "already handled" in d2.log()
+    # The signed "forced" downgrade replayed under a new id: the signature binds the id, so it is refused.
+    st = refused_now = dev.answer("forced-again", dev.send(dict(older, id="forced-again")), results=("refused",))
+    assert "is not the signed id" in refused_now["error"] and st["version"] == "1.0"
 
     assert d2.stop() == 0, d2.log()[-3000:]
     for d in (d1, d2):
@@ -735,12 +900,12 @@ def test_cli_push_rollback_status_errors(broker, tmp_path, keys, capsys):
     """No device answering, not a bundle, unknown device status, bad target: one clear line, no traceback."""
     from edge.cli import main
 
-    where = ["--host", broker.host, "--port", str(broker.port)]
+    where = ["--host", broker.host, "--port", str(broker.port), "--key", str(keys["op"]["key_path"])]
     bundle = tmp_path / "x.bundle"
     bundle.write_bytes(make_bundle(DEFAULT_MODEL.read_bytes(), "9000.9", keys["op"]["key"]))
     assert main(["model", "push", str(bundle), "--device", "ghost", *where, "--timeout", "1"]) == 1
     err = capsys.readouterr().err
-    assert "sent install request" in err and "no answer from ghost within 1 s" in err
+    assert "sent signed install request" in err and "no answer from ghost within 1 s" in err
     assert main(["model", "push", str(bundle), "--device", "ghost", *where, "--no-wait"]) == 0
     capsys.readouterr()
     (tmp_path / "junk.bundle").write_bytes(b"junk" * 300)
@@ -748,9 +913,10 @@ def test_cli_push_rollback_status_errors(broker, tmp_path, keys, capsys):
     assert "not a model bundle" in capsys.readouterr().err
     assert main(["model", "rollback", "--device", "a/b", *where]) == 2
     assert "expected one device id" in capsys.readouterr().err
-    assert main(["model", "status", "--device", "ghost", *where, "--timeout", "0.5"]) == 1
+    assert main(["model", "status", "--device", "ghost", *where[:4], "--timeout", "0.5"]) == 1
     assert "no model status from ghost" in capsys.readouterr().err
-    assert main(["model", "push", str(bundle), "--device", "ghost", "--host", "127.0.0.1", "--port", "1"]) == 1
+    assert main(["model", "push", str(bundle), "--device", "ghost", "--host", "127.0.0.1", "--port", "1",
+                 "--key", str(keys["op"]["key_path"])]) == 1
     err = capsys.readouterr().err
     assert "cannot reach the MQTT broker at 127.0.0.1:1" in err and "Traceback" not in err
 
