@@ -379,8 +379,18 @@ def test_daemon_healthz_503_when_the_camera_is_down(tmp_path):
 def preview_daemon(tmp_path_factory):
     _need_model()
     tmp = tmp_path_factory.mktemp("preview")
-    # Paced at 20 fps: frames per second is then a property of the loop, not of how busy the shared machine is.
-    d = Daemon(tmp, {"mqtt.enabled": "false", "web.preview": "true", "source.fps": "20", "web.max_streams": "8",
+    # One frame of the demo clip with three faces, replayed: the faces stay in view whenever the page is loaded
+    # (the clip itself has no face near its loop point). Paced at 20 fps: frames per second is then a property
+    # of the loop, not of how busy the shared machine is.
+    cap = cv2.VideoCapture(str(ROOT / "edge" / "data" / "demo.mp4"))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 150)
+    ok, frame = cap.read()
+    cap.release()
+    assert ok, "cannot read frame 150 of edge/data/demo.mp4"
+    (tmp / "frames").mkdir()
+    cv2.imwrite(str(tmp / "frames" / "demo150.png"), frame)
+    d = Daemon(tmp, {"mqtt.enabled": "false", "web.preview": "true", "source.kind": "images",
+                     "source.uri": str(tmp / "frames"), "source.fps": "20", "web.max_streams": "8",
                      "web.timeout_s": "30"}, name="preview")
     try:
         d.wait_listening()
@@ -437,8 +447,11 @@ def test_stalled_clients_do_not_slow_the_pipeline(preview_daemon):
     finally:
         for s in stalled:
             s.close()
-    assert before > 10, f"the paced clip should run near 20 fps, got {before:.1f}"
-    assert during >= 0.7 * before, f"{during:.1f} fps with 20 stalled clients vs {before:.1f} fps without"
+    print(f"pipeline: {before:.1f} fps without, {during:.1f} fps with 20 stalled clients")
+    # A loop that waited on any of these clients would stall for web.timeout_s (30 s here), i.e. run at ~0 fps:
+    # half the rate is a wide margin for the noise of a shared machine.
+    assert before > 3, f"frames should flow at about 20 fps, got {before:.1f}"
+    assert during >= 0.5 * before, f"{during:.1f} fps with 20 stalled clients vs {before:.1f} fps without"
 
 
 class _Dom(HTMLParser):
@@ -477,7 +490,7 @@ def chromium(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
 def test_page_renders_faces_and_events_in_chromium(preview_daemon, tmp_path):
     d = preview_daemon
     url = f"http://127.0.0.1:{d.port}/"
-    d.wait_until(lambda: get_json(d.port, "/api/state")["faces"], "a face in view")
+    d.wait_until(lambda: len(get_json(d.port, "/api/state")["faces"]) == 3, "the three faces in view")
     res = chromium(["--virtual-time-budget=4000", "--dump-dom", url])
     assert res.returncode == 0, res.stderr[-2000:]
     dom = _Dom()
@@ -485,7 +498,7 @@ def test_page_renders_faces_and_events_in_chromium(preview_daemon, tmp_path):
     state = get_json(d.port, "/api/state")
     events = get_json(d.port, "/api/events")
     assert dom.health == "running", res.stdout[:2000]
-    assert dom.faces, "no face card rendered"
+    assert len(dom.faces) == 3, f"face cards rendered: {dom.faces}"
     assert all(re.fullmatch(r"[0-9a-f]+-[0-9a-f]{4}", fid) and emo in LABELS for fid, emo in dom.faces), dom.faces
     known = {e["face_id"] for e in events} | {f["face_id"] for f in state["faces"]}
     assert {fid for fid, _ in dom.faces} <= known
@@ -521,3 +534,46 @@ def test_doctor_web_check(preview_daemon):
         other.listen()
         threading.Thread(target=lambda: other.accept()[0].sendall(b"HTTP/1.0 302 Found\r\n\r\n"), daemon=True).start()
         assert check_web(web(port=port)).status == FAIL
+
+
+# --- README ------------------------------------------------------------------------------------------------------
+
+def test_readme_web_ranges_match_validation():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("| `[web]` key | Range | `[web]` key | Range |")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for key, rng in zip(cells[0::2], cells[1::2]):
+            if key:
+                rows.append((key.strip("`"), re.sub(r"\s+\(.*\)$", "", rng)))
+    from edge.config import _hints
+    from edge.web.config import WebConfig
+
+    hints = _hints(WebConfig)
+    numeric = {f"web.{k}" for k, tp in hints.items() if tp in (int, float)}
+    assert {k for k, _ in rows} == numeric, "every number of [web] has its row"
+
+    def ok(key, value) -> bool:
+        extra = {"web.max_streams": "0"} if key == "web.max_clients" else {}  # max_streams <= max_clients
+        try:
+            load_config(None, {key: str(value), **extra}, env={})
+            return True
+        except ConfigError as e:
+            assert e.key == key, e
+            return False
+
+    for key, rng in rows:
+        m = re.fullmatch(r"(0 or )?([\d.]+|[a-z_]+)\.\.([\d.]+|[a-z_]+)", rng)
+        assert m, (key, rng)
+        num = int if hints[key.split(".")[1]] is int else float
+        lo, hi = (getattr(WebConfig(), v) if v[0].isalpha() else num(v) for v in (m[2], m[3]))  # a key: its default
+        step = 1 if num is int else 0.01
+        assert ok(key, lo) and ok(key, hi), (key, rng)
+        assert not ok(key, hi + step), (key, rng)
+        if m[1]:  # "0 or lo..hi"
+            assert ok(key, 0) and not ok(key, lo - step), (key, rng)
+        else:
+            assert not ok(key, lo - step), (key, rng)

@@ -40,6 +40,7 @@ SECURITY_HEADERS = {
 }
 UPDATE_STATUS_CACHE_S = 2.0
 MJPEG_BOUNDARY = "fer-edge-frame"
+MJPEG_SNDBUF = 64 * 1024
 
 
 class WebServer:
@@ -295,6 +296,9 @@ class _Handler(BaseHTTPRequestHandler):
                             {"error": f"at most {app.web.max_streams} preview streams at a time"}, head)
             return
         try:
+            # About a second of stream in flight: a slow viewer gets the newest frame when it catches up, not an
+            # ever older backlog, and a stalled one fills the buffer and hits the socket timeout.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MJPEG_SNDBUF)
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", ctype)
             self.send_header("Cache-Control", "no-store")
