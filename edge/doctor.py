@@ -264,12 +264,16 @@ def check_source(source_cfg, opts: DoctorOptions, service_active: bool = False) 
     try:
         src.start()
         deadline = t0 + opts.camera_timeout_s
-        while frame is None and time.monotonic() < deadline and not src.finished:
+        # "no camera" is final (libcamera lists none, no /dev/videoN): no point waiting out the timeout.
+        while frame is None and time.monotonic() < deadline and not src.finished and src.status != "no camera":
             frame = src.read(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+        health = src.health()
     finally:
         src.stop()
     if frame is None:
-        return Check("camera", FAIL, f"{src.name}: no frame within {opts.camera_timeout_s:g} s",
+        why = f"{health['status']}: {health['error']}" if health["error"] else "no frame"
+        return Check("camera", FAIL, f"{src.name}: {why} (nothing within {opts.camera_timeout_s:g} s)"
+                     if health["status"] != "no camera" else f"{src.name}: {health['error']}",
                      _source_fix(source_cfg)), None
     h, w = frame.image.shape[:2]
     detail = (f"{src.name}: {w}x{h} frame after {time.monotonic() - t0:.1f} s "

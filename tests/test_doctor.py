@@ -107,8 +107,52 @@ def test_source_without_frames_fails(tmp_path):
     empty.mkdir()
     cfg = load_config(None, {"source.kind": "images", "source.uri": str(empty)}, env={})
     check, image = check_source(cfg.source, DoctorOptions(camera_timeout_s=1.5))
-    assert check.status == FAIL and image is None and "no frame" in check.detail
+    assert check.status == FAIL and image is None and "down: no images match" in check.detail
     assert "source.uri" in check.fix
+
+
+FAKE_PICAMERA2 = Path(__file__).resolve().parent / "fake_picamera2"
+
+
+def fake_picamera2(monkeypatch, cameras: int, **knobs):
+    monkeypatch.syspath_prepend(str(FAKE_PICAMERA2))
+    for mod in ("picamera2", "libcamera"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    import picamera2
+
+    picamera2.reset()
+    picamera2.CAMERAS = cameras
+    for k, v in knobs.items():
+        setattr(picamera2, k, v)
+    return picamera2
+
+
+def test_no_pi_camera_connected_says_so_at_once(monkeypatch):
+    fake = fake_picamera2(monkeypatch, cameras=0)
+    try:
+        cfg = load_config(None, {"source.kind": "picamera2"}, env={})
+        t0 = time.monotonic()
+        check, image = check_source(cfg.source, DoctorOptions(camera_timeout_s=60))
+        assert time.monotonic() - t0 < 30  # known at the first look, not after camera_timeout_s
+        assert check.status == FAIL and image is None
+        assert check.detail.startswith("picamera2:0: no camera connected: libcamera lists none")
+        assert "ribbon cable" in check.fix
+        assert fake.INSTANCES == []
+    finally:
+        fake.reset()
+        sys.modules.pop("picamera2", None)
+
+
+def test_silent_pi_camera_says_why(monkeypatch):
+    fake = fake_picamera2(monkeypatch, cameras=1, STALL_AFTER=0)
+    try:
+        cfg = load_config(None, {"source.kind": "picamera2", "source.frame_timeout_s": "0.1"}, env={})
+        check, image = check_source(cfg.source, DoctorOptions(camera_timeout_s=1.5))
+        assert check.status == FAIL and image is None
+        assert "down: stopped delivering frames (TimeoutError: " in check.detail
+    finally:
+        fake.reset()
+        sys.modules.pop("picamera2", None)
 
 
 def test_camera_held_by_running_service_is_not_opened():
