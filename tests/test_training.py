@@ -1,9 +1,18 @@
-"""Training chain on tiny generated data: loaders (good and bad input), train -> QAT -> int8 -> edge classifier."""
+"""Training chain on tiny generated data: loaders (good and bad input), train -> QAT -> int8 -> edge classifier.
+
+The tools run in this process through their ``main(argv)`` (see ``tool``): a subprocess would import TensorFlow
+again for each of the ~30 commands, ~8 s apiece on a busy 2-core machine. One test runs ``python -m
+training.train`` as a real subprocess, for the entry point itself.
+"""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -13,9 +22,55 @@ import pytest
 from training.data import FER_LABELS, DataError, canonical_label, load_csv, load_dataset, load_folder_split
 
 pytest.importorskip("tensorflow", reason="training tests need the train extra: pip install -e '.[train]'")
+# What TensorFlow's own code warns about while the tools run in this process (a subprocess kept it to itself).
+pytestmark = [pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file"),
+              pytest.mark.filterwarnings("ignore:Statistics for quantized inputs were expected"),
+              pytest.mark.filterwarnings("ignore:distutils Version classes are deprecated")]
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER_NAMES = ["Angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]
+
+
+_progress = None
+
+
+@pytest.fixture(autouse=True)
+def _progress_line(request):
+    """``tool`` says which command a long test is in on pytest's terminal, past output capturing."""
+    global _progress
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+
+    def say(text: str) -> None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(text)
+
+    _progress = say if reporter is not None and capman is not None else None
+    yield
+    _progress = None
+
+
+def tool(cmd: list[str], **_subprocess_options) -> subprocess.CompletedProcess:
+    """``python -m TOOL ARGS...`` run in this process by TOOL's main(argv), with its exit status and output.
+
+    An exception escaping main() fails the test with its traceback, which is what a subprocess test catches
+    as "Traceback" on stderr.
+    """
+    assert cmd[:2] == [sys.executable, "-m"], cmd
+    module, args = cmd[2], [str(a) for a in cmd[3:]]
+    main = importlib.import_module(module).main
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse usage errors
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    took = time.monotonic() - t0
+    if _progress is not None and took > 2:
+        shown = " ".join(Path(a).name if "/" in a else a for a in args[:8])
+        _progress(f"    {module} {shown} … exit {rc or 0}, {took:.1f} s")
+    return subprocess.CompletedProcess(cmd, int(rc or 0), out.getvalue(), err.getvalue())
 
 
 def synth_faces(n_per_class: int, seed: int = 0):
@@ -45,9 +100,31 @@ def write_folder(root: Path, n_per_class: int, seed: int = 0, names=FOLDER_NAMES
 
 @pytest.fixture
 def folder_dataset(tmp_path):
+    """A dataset a test may change."""
     write_folder(tmp_path / "ds" / "train", 24, 0)
     write_folder(tmp_path / "ds" / "test", 6, 1)
     return tmp_path / "ds"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The same dataset, shared read-only by the tests that train on it."""
+    root = tmp_path_factory.mktemp("shared") / "ds"
+    write_folder(root / "train", 24, 0)
+    write_folder(root / "test", 6, 1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def quick_run(dataset, tmp_path_factory):
+    """One `training.train --quick` run (2 epochs of the tiny net), shared: the chain, the second cycle and the
+    distillation tests all start from such a run, and training it once saves two runs."""
+    from types import SimpleNamespace
+
+    out = tmp_path_factory.mktemp("quick") / "run"
+    cmd = [sys.executable, "-m", "training.train", "--data", str(dataset), "--out", str(out), "--quick",
+           "--cache-dir", str(out.parent / "cache")]
+    return SimpleNamespace(dir=out, cmd=cmd, result=tool(cmd))
 
 
 def test_canonical_label_is_tolerant():
@@ -117,19 +194,16 @@ def test_train_cli_reports_data_errors(tmp_path):
     assert "data error" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
+def test_train_qat_int8_chain_loads_in_edge(dataset, quick_run, tmp_path):
     """train --quick -> resume is a no-op -> QAT + PTQ int8 export -> edge classifier agrees with float."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--out", str(run), "--quick",
-           "--cache-dir", str(tmp_path / "cache")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    folder_dataset, run, cmd, r = dataset, quick_run.dir, quick_run.cmd, quick_run.result
     assert r.returncode == 0, r.stderr[-2000:]
     assert "epoch 2:" in r.stdout and (run / "best.h5").exists()
-    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r2 = tool(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert "resumed from" in r2.stdout and "nothing to do" in r2.stdout
 
     bundle = tmp_path / "bundle" / "fer_emotion"
-    r = subprocess.run([sys.executable, "-m", "quantization.qat", "--float", str(run / "best.h5"), "--data",
+    r = tool([sys.executable, "-m", "quantization.qat", "--float", str(run / "best.h5"), "--data",
                         str(folder_dataset), "--out", str(tmp_path / "quant"), "--bundle", str(bundle), "--epochs", "1",
                         "--batch", "32", "--rep-samples", "40", "--cache-dir", str(tmp_path / "cache"),
                         "--train-run", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -179,7 +253,7 @@ def test_train_qat_int8_chain_loads_in_edge(folder_dataset, tmp_path):
 
     # the report: metrics through the edge classifier, PNGs, curves over two cycles
     rep = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(bundle.with_suffix(".tflite")),
+    r = tool([sys.executable, "-m", "training.evaluate", "--model", str(bundle.with_suffix(".tflite")),
                         "--data", str(folder_dataset), "--cache-dir", str(tmp_path / "cache"), "--report", str(rep),
                         "--float-model", str(run / "best.h5"), "--history", str(run / "history.csv"),
                         str(run / "history.csv")], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -206,7 +280,7 @@ def test_fold_temperature_rescales_the_softmax_and_bad_values_exit_2(tmp_path):
     assert np.allclose(softmax(z), model.predict(x, verbose=0), atol=1e-5)
     fold_temperature(model, 0.5)
     assert np.allclose(softmax(z / 0.5), model.predict(x, verbose=0), atol=1e-5)
-    r = subprocess.run([sys.executable, "-m", "quantization.qat", "--float", "x.h5", "--data", str(tmp_path),
+    r = tool([sys.executable, "-m", "quantization.qat", "--float", "x.h5", "--data", str(tmp_path),
                         "--out", str(tmp_path / "q"), "--temperature", "-1"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "--temperature" in r.stderr and "Traceback" not in r.stderr
@@ -234,8 +308,9 @@ def test_report_survives_a_model_that_gets_a_class_never_or_everything_right(tmp
             assert cv2.imread(str(out / f)) is not None, (name, f)
 
 
-def test_training_tools_report_user_errors_without_a_traceback(folder_dataset, tmp_path):
+def test_training_tools_report_user_errors_without_a_traceback(dataset, tmp_path):
     """A missing model, a split the dataset lacks, an empty folder, an unknown architecture: one line, exit 2."""
+    folder_dataset = dataset
     (tmp_path / "empty").mkdir()
     (tmp_path / "not_a_model.h5").write_bytes(b"not hdf5")
     cache = ["--cache-dir", str(tmp_path / "cache")]
@@ -251,23 +326,22 @@ def test_training_tools_report_user_errors_without_a_traceback(folder_dataset, t
         (["training.archbench", "--arch", "vgg-xl"], "invalid choice"),
     ]
     for args, words in cases:
-        r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = tool([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and words in r.stderr, (args, r.returncode, r.stderr[-1500:])
         assert "Traceback" not in r.stderr, args
 
 
-def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
+def test_second_cycle_init_ema_and_resume(dataset, quick_run, tmp_path):
     """--init starts from a previous best.h5; --ema saves averaged weights and resumes with its state."""
     from training.tfenv import keras
 
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    first = tmp_path / "a"
-    base = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick", *cache]
-    r = subprocess.run([*base, "--out", str(first)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    first = quick_run.dir
+    base = [sys.executable, "-m", "training.train", "--data", str(dataset), "--quick", *cache]
+    assert quick_run.result.returncode == 0, quick_run.result.stderr[-2000:]
     second = tmp_path / "b"
     cmd = [*base, "--out", str(second), "--init", str(first / "best.h5"), "--ema", "0.5"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = tool(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "initialised from" in r.stdout and "epoch 2:" in r.stdout
     a = keras.models.load_model(first / "best.h5", compile=False)
@@ -277,19 +351,20 @@ def test_second_cycle_init_ema_and_resume(folder_dataset, tmp_path):
     dist = lambda m: sum(float(np.abs(x - y).sum()) for x, y in zip(m.get_weights(), a.get_weights()))  # noqa: E731
     assert 0 < dist(b) < dist(fresh)
     # one more epoch resumes from the checkpoint, EMA shadow included
-    r = subprocess.run([*cmd, "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = tool([*cmd, "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout and "epoch 3:" in r.stdout
     assert "initialised from" not in r.stdout
     # a bad --init names the file and exits 2 without a traceback
-    r = subprocess.run([*base, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "missing.h5")],
+    r = tool([*base, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "missing.h5")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
-def test_bf16_training_saves_a_float32_model_that_resumes(folder_dataset, tmp_path):
+def test_bf16_training_saves_a_float32_model_that_resumes(dataset, tmp_path):
     """--bf16 computes in bfloat16 but best.h5 is plain float32 (what QAT and evaluation load) and resumes."""
+    folder_dataset = dataset
     from training import models
     from training.tfenv import keras
     from training.train import save_float32
@@ -298,12 +373,12 @@ def test_bf16_training_saves_a_float32_model_that_resumes(folder_dataset, tmp_pa
     run = tmp_path / "bf"
     cmd = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick", "--bf16", "--ema", "0.5",
            "--out", str(run), "--cache-dir", str(tmp_path / "cache")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = tool(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "epoch 2:" in r.stdout, r.stderr[-2000:]
     m = keras.models.load_model(run / "best.h5", compile=False)
     assert {layer.dtype for layer in m.layers if layer.weights} == {"float32"}
     assert all(w.dtype == np.float32 for w in m.get_weights())
-    r = subprocess.run([*cmd, "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = tool([*cmd, "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "resumed from" in r.stdout and "epoch 3:" in r.stdout, r.stderr[-2000:]
 
     # the float32 file holds the mixed-precision model's weights: same predictions up to bfloat16 rounding
@@ -323,7 +398,7 @@ def test_bf16_training_saves_a_float32_model_that_resumes(folder_dataset, tmp_pa
     assert np.abs(fresh - p_loaded).max() > 0.03  # a fresh initialisation would not pass the check above
 
     # archbench --train-step times the same step in both precisions and leaves the policy at float32
-    r = subprocess.run([sys.executable, "-m", "training.archbench", "--train-step", "--arch", "tiny"], cwd=ROOT,
+    r = tool([sys.executable, "-m", "training.archbench", "--train-step", "--arch", "tiny"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     row = next(line.split() for line in r.stdout.splitlines() if line.startswith("tiny"))
@@ -343,7 +418,7 @@ def test_blurred_training_copy_is_refused(tmp_path):
         cv2.imwrite(str(f), cv2.GaussianBlur(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), (5, 5), 0))
     with pytest.raises(DataError, match="blurrier"):
         check_sharpness(load_dataset(ds, cache_dir=None))
-    r = subprocess.run([sys.executable, "-m", "training.train", "--data", str(ds), "--out", str(tmp_path / "run"),
+    r = tool([sys.executable, "-m", "training.train", "--data", str(ds), "--out", str(tmp_path / "run"),
                         "--quick", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "blurrier" in r.stderr and "--allow-blurry" in r.stderr
@@ -376,17 +451,17 @@ def test_mixup_mixes_images_labels_and_weights_consistently():
     assert wm.min() >= w.numpy().min() - 1e-6 and wm.max() <= w.numpy().max() + 1e-6
 
 
-def test_distillation_from_teachers(folder_dataset, tmp_path):
+def test_distillation_from_teachers(dataset, quick_run, tmp_path):
     """--distill trains towards the teachers' tempered, flip-averaged predictions; a bad teacher exits 2."""
     from training.data import load_dataset
     from training.tfenv import keras
     from training.train import load_teachers, make_datasets, online_teacher, teacher_targets
 
+    folder_dataset = dataset
     cache = ["--cache-dir", str(tmp_path / "cache")]
     base = [sys.executable, "-m", "training.train", "--data", str(folder_dataset), "--quick", *cache]
-    teacher = tmp_path / "t"
-    r = subprocess.run([*base, "--out", str(teacher)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    teacher = quick_run.dir
+    assert quick_run.result.returncode == 0, quick_run.result.stderr[-2000:]
     splits = load_dataset(folder_dataset, cache_dir=None)
     x = splits["train"].x
     model = keras.models.load_model(teacher / "best.h5", compile=False)
@@ -421,17 +496,17 @@ def test_distillation_from_teachers(folder_dataset, tmp_path):
     assert np.allclose(seen, np.exp(tz) / np.exp(tz).sum(1, keepdims=True), atol=1e-4)
     fast = online_teacher(teachers, temperature=2.0, bf16=True)  # a known architecture runs in bfloat16
     assert np.abs(fast(xb).numpy() - seen).max() < 0.03
-    r = subprocess.run([*base, "--out", str(tmp_path / "sc"), "--distill", str(teacher / "best.h5"),
+    r = tool([*base, "--out", str(tmp_path / "sc"), "--distill", str(teacher / "best.h5"),
                         "--distill-mode", "consistent"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "consistent" in r.stdout and "epoch 2:" in r.stdout, r.stderr[-2000:]
     # the CLI run records its teachers and trains
-    r = subprocess.run([*base, "--out", str(tmp_path / "s"), "--distill", str(teacher / "best.h5")],
+    r = tool([*base, "--out", str(tmp_path / "s"), "--distill", str(teacher / "best.h5")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "distilling from 1 teacher" in r.stdout and "epoch 2:" in r.stdout
     assert json.loads((tmp_path / "s" / "run.json").read_text())["distill"] == [str(teacher / "best.h5")]
     # training.ensemble reports the flip-averaged accuracy of each subset of teachers on the validation split
-    r = subprocess.run([sys.executable, "-m", "training.ensemble", "--data", str(folder_dataset), *cache,
+    r = tool([sys.executable, "-m", "training.ensemble", "--data", str(folder_dataset), *cache,
                         str(teacher / "best.h5"), str(tmp_path / "s" / "best.h5")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -440,18 +515,19 @@ def test_distillation_from_teachers(folder_dataset, tmp_path):
     val = splits["val"]
     qv = teacher_targets([teacher / "best.h5"], val.x, temperature=1.0)
     assert lines[0] == f"{(qv.argmax(1) == val.y).mean():.4f}  {teacher / 'best.h5'}"
-    r = subprocess.run([sys.executable, "-m", "training.ensemble", "--data", str(folder_dataset), *cache,
+    r = tool([sys.executable, "-m", "training.ensemble", "--data", str(folder_dataset), *cache,
                         str(tmp_path / "nope.h5")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "nope.h5" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     for bad, msg in ((["--distill", str(tmp_path / "nope.h5")], "nope.h5"),
                      (["--distill", str(teacher / "best.h5"), "--distill-weight", "1.5"], "--distill-weight")):
-        r = subprocess.run([*base, "--out", str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,
+        r = tool([*base, "--out", str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
 
 
-def test_released_bundle_teaches_and_bad_bundles_exit_2(folder_dataset, tmp_path):
+def test_released_bundle_teaches_and_bad_bundles_exit_2(dataset, tmp_path):
     """A shipped .tflite bundle is a teacher (its folded calibration undone); mismatched bundles are refused."""
+    folder_dataset = dataset
     from edge.classify import DEFAULT_MODEL, load_classifier
     from training.train import bundle_teacher, teacher_targets
 
@@ -489,10 +565,10 @@ def test_released_bundle_teaches_and_bad_bundles_exit_2(folder_dataset, tmp_path
             "--cache-dir", str(tmp_path / "cache")]
     for extra, msg in (([str(swapped)], "predicts"), ([str(tmp_path / "gone.tflite")], "gone.tflite"),
                        ([str(DEFAULT_MODEL), "--distill-mode", "consistent"], "consistent")):
-        r = subprocess.run([*base, "--out", str(tmp_path / "bad"), "--distill", *extra], cwd=ROOT,
+        r = tool([*base, "--out", str(tmp_path / "bad"), "--distill", *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     # the CLI trains a student of the released bundle
-    r = subprocess.run([*base, "--out", str(tmp_path / "s"), "--distill", str(DEFAULT_MODEL)], cwd=ROOT,
+    r = tool([*base, "--out", str(tmp_path / "s"), "--distill", str(DEFAULT_MODEL)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "distilling from 1 teacher" in r.stdout and "epoch 2:" in r.stdout, r.stderr[-2000:]
