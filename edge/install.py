@@ -176,7 +176,8 @@ def render_config(default_toml: str, source_kind: str) -> str:
     return text
 
 
-def list_cameras(python: str = sys.executable, env: Optional[dict] = None, timeout: float = 60.0) -> Optional[list[str]]:
+def list_cameras(python: str = sys.executable, env: Optional[dict] = None,
+                 timeout: float = 60.0) -> Optional[list[str]]:
     """Models of the cameras libcamera lists (Picamera2.global_camera_info(), which opens none), or None when
     picamera2 cannot be imported there. Runs in a child: libcamera logs to stderr and can be slow to start."""
     code = ("import json; from picamera2 import Picamera2; "

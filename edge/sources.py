@@ -66,7 +66,8 @@ class SourceConfig:
     uri: str = ""  # opencv: "0", /dev/videoN, rtsp/http URL or video file; images: folder or glob; picamera2: camera number
     width: int = 640  # requested from cameras (the driver may pick the nearest mode)
     height: int = 480
-    fps: float = 0.0  # cameras: requested rate (0 = driver default); finite sources: pacing (0 = native)
+    # cameras: requested rate (0 = driver default; picamera2: follow the pipeline); files: pacing (0 = native)
+    fps: float = 0.0
     rotate: int = 0  # clockwise degrees: 0, 90, 180, 270
     flip: str = "none"  # "none" | "horizontal" | "vertical" | "both" (applied after rotation)
     loop: bool = False  # replay files, folders and the demo clip forever
@@ -222,7 +223,8 @@ class _Picamera2Backend(_Backend):
     capture_array(wait=seconds) which raises TimeoutError, libcamera.Transform)."""
 
     BUFFERS = 3  # picamera2's video default is 6; we only ever want the newest frame
-    DEFAULT_FPS = 15.0  # fps = 0: enough for the pipeline on a Pi 4/5 (see README), half the sensor's default 30
+    DEFAULT_FPS = 15.0  # fps = 0: the rate to start at, then follow_rate matches the pipeline
+    AUTO_MIN_FPS, AUTO_MAX_FPS = 2.0, 30.0
 
     def __init__(self, cfg: SourceConfig, picamera2_cls, transform_cls=None):
         self.cfg = cfg
@@ -267,6 +269,17 @@ class _Picamera2Backend(_Backend):
         self.cam = cam
         self.native_fps = fps
 
+    def follow_rate(self, used_fps: float) -> None:
+        """fps = 0: run the sensor a little above the rate the pipeline takes frames (a Pi 4 uses ~8 of the
+        sensor's default 30 fps; every frame beyond that costs ISP, copies and wake-ups for nothing)."""
+        target = min(self.AUTO_MAX_FPS, max(self.AUTO_MIN_FPS, 1.25 * used_fps))
+        if self.cam is None or abs(target - self.native_fps) <= 0.15 * self.native_fps:
+            return
+        frame_us = int(round(1e6 / target))
+        self.cam.set_controls({"FrameDurationLimits": (frame_us, frame_us)})
+        log.info("picamera2: %.1f fps (the pipeline uses %.1f)", target, used_fps)
+        self.native_fps = target
+
     def read(self, timeout: float) -> Optional[np.ndarray]:
         img = self.cam.capture_array("main", wait=timeout)  # raises TimeoutError when no frame comes in time
         return img if img is not None and img.size else None
@@ -297,6 +310,8 @@ def _import_picamera2():
 class Source:
     """A running frame source; see open_source()."""
 
+    RATE_WINDOW_S = 5.0  # fps = 0 (picamera2): how often the camera's rate is matched to the pipeline's
+
     def __init__(self, cfg: SourceConfig, backend: _Backend, name: str):
         self.cfg = cfg
         self.name = name
@@ -313,6 +328,7 @@ class Source:
         self.dropped = 0
         self.reconnects = 0  # reopen attempts after a failure
         self.frames = 0  # frames captured
+        self.used = 0  # frames the pipeline read (the rest were dropped)
         self.bad_images = 0  # unreadable image files skipped (images kind)
         if isinstance(backend, _ImagesBackend):
             backend.on_bad = self._on_bad_image
@@ -373,6 +389,7 @@ class Source:
                     return None
                 self._cond.wait(remaining)
             frame, self._slot = self._slot, None
+            self.used += 1
             self._cond.notify_all()  # a lossless producer waits for the slot to empty
             return frame
 
@@ -438,6 +455,9 @@ class Source:
         pass_frames = 0
         opened = False
         pace_t: Optional[float] = None
+        # fps = 0 on a camera that can change its rate while running: follow what the pipeline uses.
+        follow = self.cfg.fps == 0 and hasattr(backend, "follow_rate")
+        rate_t, rate_used = time.monotonic(), 0
         try:
             while not self._stop.is_set():
                 if not opened:
@@ -499,6 +519,10 @@ class Source:
                 if not backend.live and self.cfg.realtime:
                     pace_t = self._pace(pace_t, self.cfg.fps or backend.native_fps)
                 self._put(img)
+                if follow and time.monotonic() - rate_t >= self.RATE_WINDOW_S:
+                    now = time.monotonic()
+                    self._call("set_controls", lambda: backend.follow_rate((self.used - rate_used) / (now - rate_t)))
+                    rate_t, rate_used = now, self.used
         except Exception as e:  # a bug or a source that can never work: end it (finished=True), never the process
             log.error("source %s: capture stopped: %s: %s", self.name, type(e).__name__, e)
             self._end()

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.sources import (DEMO_CLIP, Frame, NoCamera, SourceConfig, SourceError, _Picamera2Backend, open_source,
-                          redact)
+from edge.sources import (DEMO_CLIP, Frame, NoCamera, Source, SourceConfig, SourceError, _Picamera2Backend,
+                          open_source, redact)
 
 FAKE_PICAMERA2 = Path(__file__).resolve().parent / "fake_picamera2"
 
@@ -230,7 +230,8 @@ def test_picamera2_failure_reconnects_with_a_new_camera_object(picamera2, caplog
     caplog.set_level(logging.INFO, logger="edge.sources")
     cfg = SourceConfig(kind="picamera2", reconnect_min_s=0.05, reconnect_max_s=0.1)
     with open_source(cfg) as src:
-        assert wait_for(lambda: picamera2.INSTANCES and picamera2.INSTANCES[0].closed)  # failed after 3 frames, released
+        # failed after 3 frames and was released
+        assert wait_for(lambda: picamera2.INSTANCES and picamera2.INSTANCES[0].closed)
         picamera2.CAMERAS = 0  # ... and the camera is gone for a while
         assert wait_for(lambda: src.reconnects >= 3)
         assert not src.connected and src.read(0.05) is not None  # the newest pre-failure frame is still handed over
@@ -343,3 +344,26 @@ def test_stream_names_hide_credentials():
     assert redact("rtsp://admin:secret@10.0.0.5:554/stream1") == "rtsp://***@10.0.0.5:554/stream1"
     src = open_source(SourceConfig(kind="opencv", uri="rtsp://admin:secret@10.0.0.5/s"))
     assert "secret" not in src.name and src.name.startswith("stream:")
+
+
+def test_picamera2_rate_follows_the_pipeline(picamera2, monkeypatch):
+    """fps = 0: a pipeline that takes ~5 frames/s brings the camera down from its 15 fps start (2..30 fps)."""
+    monkeypatch.setattr(Source, "RATE_WINDOW_S", 0.3)
+    with open_source(SourceConfig(kind="picamera2", width=64, height=48)) as src:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not (picamera2.INSTANCES and picamera2.INSTANCES[0].control_log):
+            src.read(1.0)
+            time.sleep(0.2)  # a slow pipeline
+    cam = picamera2.INSTANCES[0]
+    assert cam.control_log, "the frame rate was never adjusted"
+    first = cam.control_log[0]["FrameDurationLimits"]
+    assert first[0] == first[1] and 1e6 / 15 < first[0] <= 1e6 / 2  # slower than the start, never below 2 fps
+
+
+def test_picamera2_fixed_fps_is_left_alone(picamera2, monkeypatch):
+    monkeypatch.setattr(Source, "RATE_WINDOW_S", 0.1)
+    with open_source(SourceConfig(kind="picamera2", width=64, height=48, fps=25)) as src:
+        for _ in range(10):
+            src.read(1.0)
+            time.sleep(0.05)
+    assert picamera2.INSTANCES[0].control_log == []

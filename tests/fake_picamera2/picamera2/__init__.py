@@ -73,6 +73,7 @@ class Picamera2:
         self.started = False
         self.closed = False
         self.count = 0
+        self.control_log: list[dict] = []  # set_controls() calls while running
         INSTANCES.append(self)
 
     @staticmethod
@@ -100,6 +101,11 @@ class Picamera2:
         if self.config is None:
             raise RuntimeError("Camera has not been configured")
         self.started = True
+
+    def set_controls(self, controls: dict) -> None:
+        self.calls.append("set_controls")
+        self.config["controls"].update(controls)
+        self.control_log.append(dict(controls))
 
     def _frame_interval(self) -> float:
         limits = self.config["controls"].get("FrameDurationLimits")
