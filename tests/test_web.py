@@ -38,12 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(port: int, path: str, auth: tuple[str, str] | None = None, timeout: float = 5.0):
-    """(status, headers, body) of GET http://127.0.0.1:port/path."""
+def get(port: int, path: str, auth: tuple[str, str] | None = None, timeout: float = 5.0, host: str | None = None):
+    """(status, headers, body) of GET http://127.0.0.1:port/path (``host``: a different Host header)."""
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    headers = {}
+    headers = {"Host": host} if host else {}
     if auth is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     try:
@@ -249,7 +249,7 @@ def test_stalled_clients_are_dropped_and_capped():
         stalled = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
         time.sleep(0.1)
         extra = socket.create_connection(("127.0.0.1", srv.port), timeout=3)
-        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert extra.recv(100).startswith(b"HTTP/1.1 503"), "a connection beyond max_clients is refused at once"
         extra.close()
         t0 = time.monotonic()
@@ -273,6 +273,25 @@ def test_bad_queries_and_unknown_paths():
         assert get(srv.port, "/nope")[0] == 404
         assert get(srv.port, "/api/preview.jpg")[0] == 404  # preview off
         assert get_json(srv.port, "/api/events?limit=5") == []
+    finally:
+        srv.stop()
+
+
+def test_without_a_password_only_ip_and_localhost_names_are_answered(password_hash):
+    srv = _server(hosts='["fer-edge.local"]')
+    try:
+        for host in ("127.0.0.1", f"127.0.0.1:{srv.port}", f"[::1]:{srv.port}", "localhost:8090", "fer-edge.local",
+                     "FER-EDGE.local.:8090"):
+            assert get(srv.port, "/api/events", host=host)[0] == 200, host
+        for host in ("evil.example", "evil.example:8090", "127.0.0.1.evil.example", "fer-edge.local.evil.example"):
+            status, _, body = get(srv.port, "/api/events", host=host)
+            assert status == 403 and b"web.hosts" in body, host
+    finally:
+        srv.stop()
+    srv = _server(password_hash=password_hash)  # with a password the name does not matter: the password does
+    try:
+        assert get(srv.port, "/api/events", ("fer-edge", PASSWORD), host="fer-edge.example.org")[0] == 200
+        assert get(srv.port, "/api/events", host="fer-edge.example.org")[0] == 401
     finally:
         srv.stop()
 
@@ -415,7 +434,7 @@ def test_preview_jpeg_and_mjpeg(preview_daemon):
     img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (480, 640, 3)
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
-        s.sendall(b"GET /api/preview.mjpeg HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /api/preview.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, t0 = b"", time.monotonic()
         while time.monotonic() - t0 < 2.0:
             data += s.recv(65536)
@@ -435,11 +454,13 @@ def test_stalled_clients_do_not_slow_the_pipeline(preview_daemon):
                 s.sendall(b"GET /api/state HTTP/1.1\r\nHo")  # half a request, then silence
             elif i % 4 == 2:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                s.sendall(b"GET /api/preview.mjpeg HTTP/1.1\r\nHost: x\r\n\r\n")  # a stream nobody reads
+                s.sendall(b"GET /api/preview.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # a stream nobody reads
             elif i % 4 == 3:
-                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # a reply nobody reads, kept alive
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # a reply nobody reads, kept alive
             stalled.append(s)
         time.sleep(1.0)  # the MJPEG streams fill their socket buffers and block
+        streams = [s for i, s in enumerate(stalled) if i % 4 == 2]
+        assert all(s.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200" for s in streams), "the streams are streaming"
         during = _rate(d, 3.0)
         t0 = time.monotonic()
         assert get(d.port, "/healthz")[0] == 200, "the server still answers others"

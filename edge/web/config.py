@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from edge.web.auth import parse_hash
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
 
 
 @dataclass
@@ -24,6 +27,9 @@ class WebConfig:
     stale_s: float = 10.0  # /healthz answers 503 when no frame was processed for this long
     username: str = "fer-edge"
     password_hash: str = ""  # "" = no authentication; else from `python3 -m edge.web.auth` (scrypt)
+    # Without a password only requests addressed to an IP or "localhost" are answered (a web page elsewhere cannot
+    # reach the device through DNS rebinding); names to allow as well, e.g. ["fer-edge.local"].
+    hosts: list[str] = field(default_factory=list)
     timeout_s: float = 10.0  # per-connection socket timeout: a stalled client is dropped after this
     max_clients: int = 32  # concurrent connections; more are answered 503 and closed
     max_streams: int = 4  # concurrent MJPEG viewers (each holds one connection)
@@ -67,6 +73,11 @@ class WebConfig:
             raise ValueError(f"max_clients: must be 1..1000 (got {self.max_clients})")
         if not 0 <= self.max_streams <= self.max_clients:
             raise ValueError(f"max_streams: must be 0..max_clients ({self.max_clients}) (got {self.max_streams})")
+        if len(self.hosts) > 32:
+            raise ValueError(f"hosts: at most 32 names (got {len(self.hosts)})")
+        for h in self.hosts:
+            if len(h) > 253 or not _HOSTNAME.match(h):
+                raise ValueError(f"hosts: {h[:80]!r} is not a host name such as fer-edge.local")
         if self.password_hash:
             if not self.username or ":" in self.username or len(self.username) > 64:
                 raise ValueError("username: 1..64 characters without ':' when password_hash is set "

@@ -8,6 +8,7 @@ published on MQTT), ``/healthz``, ``/metrics`` (Prometheus), ``/api/preview.jpg`
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import socket
@@ -59,6 +60,7 @@ class WebServer:
         self._jpeg_lock = threading.Lock()
         self._jpeg: tuple[int, bytes] = (0, b"")
         self._streams = threading.BoundedSemaphore(w.max_streams) if w.max_streams else None
+        self._hosts = {h.lower().rstrip(".") for h in w.hosts}
         self.static = {path: (resources.files("edge.web").joinpath("static", name).read_bytes(), ctype)
                         for path, (name, ctype) in STATIC.items()}
         self._httpd: Optional[_Server] = None
@@ -157,6 +159,24 @@ class WebServer:
             self._jpeg = (seq, buf.tobytes())
             return self._jpeg
 
+    def host_allowed(self, host: Optional[str]) -> bool:
+        """Host header names an IP, localhost or one of web.hosts (absent: HTTP/1.0 clients such as curl -0)."""
+        if not host:
+            return True
+        name = host.strip().lower()
+        if name.startswith("["):  # [v6]:port
+            name = name[1:name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.split(":")[0]
+        name = name.rstrip(".")
+        if name == "localhost" or name.endswith(".localhost") or name in self._hosts:
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
     def acquire_stream(self) -> bool:
         return self._streams is not None and self._streams.acquire(blocking=False)
 
@@ -225,6 +245,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, head: bool) -> None:
         app = self.server.app
+        if app.auth is None and not app.host_allowed(self.headers.get("Host")):
+            self._send(HTTPStatus.FORBIDDEN, b"this device answers requests for its IP address or localhost only; "
+                       b"add the name to web.hosts, or set web.password_hash\n", "text/plain; charset=utf-8", head)
+            return
         if app.auth is not None and not app.auth.check(self.headers.get("Authorization")):
             time.sleep(0.2)  # blunt password guessing a little without holding any lock
             self._send(HTTPStatus.UNAUTHORIZED, b"authentication required\n", "text/plain; charset=utf-8", head,
