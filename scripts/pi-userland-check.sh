@@ -82,11 +82,13 @@ cleanup() {
     for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[$i]}" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-for m in proc sys dev; do
+# No /sys: it would describe this machine's x86 CPUs, and XNNPACK's CPU detection (inside LiteRT) reading that
+# under qemu-aarch64 crashes the interpreter (SIGSEGV in Interpreter()), which a real Pi never sees.
+mountpoint -q "$DIR/sys" && umount -l "$DIR/sys"
+for m in proc dev; do
     if ! mountpoint -q "$DIR/$m"; then
         case "$m" in
             proc) mount -t proc proc "$DIR/proc" ;;
-            sys) mount -t sysfs sysfs "$DIR/sys" ;;
             dev) mount --bind /dev "$DIR/dev" ;;
         esac
         mounted+=("$DIR/$m")
@@ -109,9 +111,14 @@ plats=()
 for g in 36 35 34 31 28 27 26 17; do plats+=(--platform "manylinux_2_${g}_$MACHINE"); done
 plats+=(--platform "manylinux2014_$MACHINE" --platform "linux_$MACHINE")
 # What install.sh asks pip for on this architecture (it prints the list), plus the build backend.
-mapfile -t reqs < <(MACHINE_OVERRIDE="$MACHINE" bash "$SRC/scripts/install.sh" --print-requirements)
+reqs_text="$(MACHINE_OVERRIDE="$MACHINE" bash "$SRC/scripts/install.sh" --print-requirements)" \
+    || die "scripts/install.sh --print-requirements failed"
+mapfile -t reqs <<<"$reqs_text"
+# On armv7l numpy and cffi (the runtime's and cryptography's dependencies) come from Debian: no resolving.
+nodeps=()
+[ "$MACHINE" != armv7l ] || nodeps=(--no-deps)
 say "downloading wheels for $MACHINE: ${reqs[*]}"
-python3 -m pip download --disable-pip-version-check --quiet --dest "$WHEELS" --only-binary=:all: \
+python3 -m pip download "${nodeps[@]}" --disable-pip-version-check --quiet --dest "$WHEELS" --only-binary=:all: \
     "${plats[@]}" --python-version 3.11 --implementation cp "${reqs[@]}" "setuptools>=68" "wheel"
 
 # --- 5. install and run inside -------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_prefix_and_user_are_rendered(tmp_path):
 def test_rendered_unit_still_verifies(tmp_path):
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        pytest.skip("systemd-analyze not installed")
+        pytest.skip("systemd-analyze not installed (sudo apt-get install systemd): the rendered unit is not verified")
     fake = fake_venv(tmp_path, str(tmp_path / "prefix"))
     unit = tmp_path / "fer-edge.service"
     unit.write_text(render_unit(UNIT_TEXT, str(fake.parents[2]), "emotion"))
@@ -255,7 +255,7 @@ def test_install_sh_into_staging_root(tmp_path):
     their own, PYTHONPATH adds that venv's (a venv made from a venv links to the base interpreter, not to it).
     """
     if shutil.which("bash") is None:
-        pytest.skip("bash not installed")
+        pytest.skip("bash not installed (sudo apt-get install bash): scripts/install.sh is not run")
     stage = tmp_path / "root"
     stage.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FER_EDGE_", "PIP_", "VIRTUAL_ENV", "PYTHON"))}
@@ -285,3 +285,21 @@ def test_install_sh_rejects_bad_usage(tmp_path):
     assert res.returncode == 1 and "unknown option --bogus" in res.stderr
     res = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--with-mosquitto" in res.stdout
+
+
+@pytest.mark.pi_userland
+@pytest.mark.parametrize("arch,qemu", [("arm64", "qemu-aarch64-static"), ("armhf", "qemu-arm-static")])
+def test_install_and_run_on_the_pi_userland(arch, qemu):
+    """scripts/pi-userland-check.sh: install.sh, demo and predict inside Debian Bookworm arm64/armhf under qemu."""
+    if os.environ.get("FER_PI_USERLAND") != "1":
+        pytest.skip("slow (10-30 minutes an architecture): run it with "
+                    "FER_PI_USERLAND=1 python3 -m pytest -m pi_userland tests/test_install.py (as root)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (debootstrap, chroot, mounts)")
+    missing = [t for t in ("debootstrap", qemu) if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: apt-get install debootstrap qemu-user-static")
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "pi-userland-check.sh"), "--arch", arch],
+                         capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    assert f"OK: fer-edge installs and runs on Debian bookworm {arch}" in res.stdout
