@@ -409,8 +409,9 @@ def preview_daemon(tmp_path_factory):
     (tmp / "frames").mkdir()
     cv2.imwrite(str(tmp / "frames" / "demo150.png"), frame)
     d = Daemon(tmp, {"mqtt.enabled": "false", "web.preview": "true", "source.kind": "images",
-                     "source.uri": str(tmp / "frames"), "source.fps": "20", "web.max_streams": "8",
-                     "web.timeout_s": "30"}, name="preview")
+                     "source.uri": str(tmp / "frames"), "source.fps": "20", "source.flip": "horizontal",
+                     "web.max_streams": "8", "web.timeout_s": "30"}, name="preview")
+    d.frame = frame
     try:
         d.wait_listening()
         d.wait_until(lambda: get_json(d.port, "/api/events"), "the first event")
@@ -433,6 +434,10 @@ def test_preview_jpeg_and_mjpeg(preview_daemon):
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
     img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (480, 640, 3)
+    # the picture as the daemon sees it: mirrored as configured (source.flip = "horizontal")
+    diff = {name: float(np.mean(cv2.absdiff(img, ref)[40:, :])) for name, ref in
+            (("flipped", cv2.flip(d.frame, 1)), ("as stored", d.frame))}
+    assert diff["flipped"] < 0.5 * diff["as stored"], diff
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
         s.sendall(b"GET /api/preview.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, t0 = b"", time.monotonic()
