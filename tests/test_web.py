@@ -312,6 +312,7 @@ def test_daemon_endpoints_with_auth_and_no_preview(tmp_path, broker, subscriber,
         for path in ("/", "/app.js", "/api/state", "/api/events", "/healthz", "/metrics", "/api/preview.jpg"):
             status, headers, _ = get(d.port, path)
             assert status == 401 and headers["WWW-Authenticate"].startswith("Basic "), path
+        for path in ("/", "/api/state", "/metrics"):
             assert get(d.port, path, ("fer-edge", "wrong"))[0] == 401, path
         events = d.wait_until(lambda: get_json(d.port, "/api/events", auth), "events on /api/events")
         d.wait_until(lambda: sub.messages, "events over MQTT")
@@ -542,7 +543,7 @@ def test_page_renders_faces_and_events_in_chromium(preview_daemon, tmp_path):
 
 # --- doctor ------------------------------------------------------------------------------------------------------
 
-def test_doctor_web_check(preview_daemon):
+def test_doctor_web_check(preview_daemon, password_hash):
     from edge.doctor import FAIL, OK, SKIP, WARN, check_web
 
     def web(**kw):
@@ -555,6 +556,12 @@ def test_doctor_web_check(preview_daemon):
     assert check_web(web(port=port)).status == OK  # free: the daemon can listen there
     assert check_web(web(port=port), service_active=True).status == FAIL  # should be listening, is not
     assert check_web(web(port=port, bind="0.0.0.0", preview="true")).status == WARN  # exposed without a password
+    srv = _server(password_hash=password_hash)  # doctor has no password: "answers" is all it can tell
+    try:
+        locked = check_web(web(port=srv.port, password_hash=password_hash), service_active=True)
+        assert locked.status == OK and "password required" in locked.detail, locked.line()
+    finally:
+        srv.stop()
     with socket.socket() as other:  # another program on the port, answering nothing like fer-edge
         other.bind(("127.0.0.1", port))
         other.listen()
