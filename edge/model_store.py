@@ -360,15 +360,16 @@ class ModelStore:
 # --- re-verification at start -------------------------------------------------------------------------
 
 def verify_installed(store: ModelStore, entry: ModelEntry, public_keys: dict[str, bytes], *,
-                     allow_unsigned: bool = False, max_bytes: int = 1 << 30) -> str:
+                     allow_unsigned: bool = False, max_bytes: int = 1 << 30, check_signature: bool = True) -> str:
     """Check an installed model against the signed bundle kept beside it; returns the signing key id.
 
     The bundle's signature is checked over its exact bytes with today's trusted keys (a key removed from
     update.public_keys revokes the models it signed), then its manifest and model must be byte-identical
     to the files that will be loaded. StoreError says what is wrong. Without a bundle file (placed by
     hand, or installed before bundle format 2) the model is refused unless ``allow_unsigned``.
+    ``check_signature=False`` (one-off tools without the keys) checks everything but the signature.
     """
-    from edge.bundle import BundleError, load_verified
+    from edge.bundle import BundleError, load_verified, read_bundle
 
     d = store.root / entry.dir
     try:
@@ -397,7 +398,10 @@ def verify_installed(store: ModelStore, entry: ModelEntry, public_keys: dict[str
     if len(data) > max_bytes:
         raise StoreError(f"installed model {entry.version}: its bundle is over the update.max_bundle_mb limit")
     try:
-        bundle, kid = load_verified(data, public_keys, allow_unsigned=allow_unsigned)
+        if check_signature:
+            bundle, kid = load_verified(data, public_keys, allow_unsigned=allow_unsigned)
+        else:
+            bundle, kid = read_bundle(data), "not checked"
     except BundleError as e:
         raise StoreError(f"installed model {entry.version}: {e}") from None
     if bundle.model_bytes != model or bundle.manifest_bytes != manifest:
@@ -408,9 +412,13 @@ def verify_installed(store: ModelStore, entry: ModelEntry, public_keys: dict[str
 
 # --- validation and self-test ------------------------------------------------------------------------
 
-def current_model_path(state_dir: str | Path, configured: str = "") -> str | None:
+def current_model_path(state_dir: str | Path, configured: str = "", update=None) -> str | None:
     """The model the daemon starts with, read-only: the store's active model, else ``configured``, else None
-    (= the bundled model). For one-off commands (predict, snapshot, doctor, bench) on an updated device."""
+    (= the bundled model). For one-off commands (predict, snapshot, doctor, bench) on an updated device.
+
+    The active model is checked like the daemon checks it at start (:func:`verify_installed`) with the
+    keys of ``update`` (an UpdateConfig); without one, only its bundle's presence and contents are checked.
+    """
     store = ModelStore(Path(state_dir).expanduser() / "models")
     try:
         ptr = store.read_pointer()
@@ -418,7 +426,20 @@ def current_model_path(state_dir: str | Path, configured: str = "") -> str | Non
         log.warning("%s; using the base model", e)
         ptr = None
     if ptr is not None and ptr.active is not None and store.model_path(ptr.active).is_file():
-        return str(store.model_path(ptr.active))
+        try:
+            if update is not None:
+                from edge.bundle import BundleError, load_public_keys
+
+                try:
+                    keys = load_public_keys(update.public_keys)
+                except BundleError as e:
+                    raise StoreError(f"update.public_keys: {e}") from None
+                verify_installed(store, ptr.active, keys, allow_unsigned=update.allow_unsigned)
+            else:
+                verify_installed(store, ptr.active, {}, check_signature=False)
+            return str(store.model_path(ptr.active))
+        except StoreError as e:
+            log.warning("%s; using the base model", e)
     return configured or None
 
 

@@ -16,6 +16,11 @@ A full outbox gives up events in this order, so that what is delivered stays a c
 3. else (only ``end`` events of faces whose ``new`` was already sent are queued) the oldest of those, logged as an
    error: the one case where a consumer sees a new without its end.
 Every dropped event is counted, by type.
+
+With a ``spill_path`` (the service uses <state_dir>/mqtt-outbox.jsonl), events still undelivered when stop() gives
+up are written there (write, fsync, rename) and queued first by the next start(), so a clean stop or restart during
+a broker outage loses nothing. A crash or power cut still loses the in-memory outbox: journaling every event with an
+fsync would cost SD card wear for every event (scripts/outbox_persist_cost.py).
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import paho.mqtt.client as mqtt
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 _WINDOW = 20  # events in flight (handed to paho, awaiting PUBACK) at once
 _WARN_EVERY_S = 60.0  # repeat "still unreachable" / "still dropping" warnings at most this often
 _AUTH_REASONS = {134, 135, 140}  # bad user name or password, not authorized, bad authentication method
+SPILL_FORMAT = "fer-edge-outbox/1"
+_SPILL_MAX_LINE = 1 << 20  # an event is ~1 KB; a longer line is not one of ours
 
 
 class MqttError(Exception):
@@ -126,10 +135,12 @@ class _Entry:
 class MqttPublisher:
     """Publishes face events, status and stats for one device. Thread-safe; publish_event never blocks."""
 
-    def __init__(self, cfg: MqttConfig, device_id: str) -> None:
+    def __init__(self, cfg: MqttConfig, device_id: str, *, spill_path: str | os.PathLike | None = None) -> None:
         if not device_id or any(c in device_id for c in "/+#\0"):
             raise MqttError(f"device id {device_id!r} is not usable in MQTT topics; use letters, digits, - or _")
         self.cfg = cfg
+        self.spill_path = Path(spill_path) if spill_path else None
+        self.saved = 0  # events written to spill_path by stop()
         self.device_id = device_id
         self.client_id = cfg.client_id or f"fer-edge-{device_id}"
         self._faces_topic = self.topic("faces")
@@ -177,6 +188,7 @@ class MqttPublisher:
         if self._started:
             return
         self._started = True
+        self._load_spill()
         kwargs = {"clean_start": True} if self.cfg.protocol == "5" else {}
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, **kwargs)
         log.info("MQTT connecting to %s:%d as %s (MQTT %s%s), events on %s", self.cfg.host, self.cfg.port,
@@ -259,9 +271,10 @@ class MqttPublisher:
         self._connect_callbacks.append(callback)
 
     def stop(self, timeout: float = 5.0) -> int:
-        """Flush buffered events (bounded by timeout), publish retained "offline", disconnect.
+        """Flush buffered events (bounded by timeout), publish retained "offline", disconnect; save what is left
+        to spill_path if set.
 
-        Returns the number of events left undelivered.
+        Returns the number of events lost: left undelivered and not saved.
         """
         if self._client is None or not self._started or self._closed:
             return self._unsent()
@@ -291,12 +304,17 @@ class MqttPublisher:
         stopper.start()
         stopper.join(2.0)
         unsent = self._unsent()
-        if unsent:
-            log.warning("MQTT stopped: %d events not delivered (%d sent, %d dropped)", unsent, self._sent,
-                        self._dropped)
+        if unsent and self.spill_path is not None:
+            self.saved = self._save_spill()
+        if unsent > self.saved:
+            log.warning("MQTT stopped: %d events not delivered (%d sent, %d dropped)", unsent - self.saved,
+                        self._sent, self._dropped)
+        elif unsent:
+            log.info("MQTT stopped: %d events saved for the next start (%d sent, %d dropped)", self.saved,
+                     self._sent, self._dropped)
         else:
             log.info("MQTT stopped: all events delivered (%d sent, %d dropped)", self._sent, self._dropped)
-        return unsent
+        return unsent - self.saved
 
     def stats(self) -> dict:
         """Counters: connected, buffered (not yet acknowledged), dropped, sent, reconnects."""
@@ -355,6 +373,107 @@ class MqttPublisher:
                     ", ".join(f"{k} {n}" for k, n in sorted(self._dropped_by_type.items())),
                     "; the end of a face whose new was delivered was lost: raise mqtt.buffer_size"
                     if level == logging.ERROR else "")
+
+    def _save_spill(self) -> int:
+        """Write the undelivered events (in order) to spill_path atomically; returns how many were saved."""
+        path = self.spill_path
+        with self._cond:
+            # In flight first: they are older. Some may have reached the broker (duplicates: at-least-once).
+            entries = [e for e in self._inflight if not e.acked] + list(self._pending)
+        header = json.dumps({"format": SPILL_FORMAT, "topic": self._faces_topic, "events": len(entries),
+                             "saved": round(time.time(), 3)}).encode()
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(header + b"\n")
+                fh.writelines(e.payload + b"\n" for e in entries)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            log.error("MQTT could not save %d undelivered events to %s (%s): they are lost", len(entries), path,
+                      exc.strerror or exc)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return 0
+        log.warning("MQTT saved %d undelivered events to %s; they are sent first after the next start",
+                    len(entries), path)
+        return len(entries)
+
+    def _load_spill(self) -> None:
+        """Queue the events a previous stop() saved, ahead of anything newer, then remove the file."""
+        path = self.spill_path
+        if path is None:
+            return
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("MQTT cannot read saved events %s: %s", path, exc.strerror or exc)
+            return
+        limit = self.cfg.buffer_size * 64 * 1024 + 4096
+        problem = ("not a regular file" if not stat.S_ISREG(st.st_mode)
+                   else f"{st.st_size} bytes, more than mqtt.buffer_size events can be" if st.st_size > limit else "")
+        entries: list[_Entry] = []
+        skipped = 0
+        if not problem:
+            try:
+                with open(path, "rb") as fh:
+                    head = json.loads(fh.readline(_SPILL_MAX_LINE) or b"null")
+                    if not isinstance(head, dict) or head.get("format") != SPILL_FORMAT:
+                        problem = f"not a {SPILL_FORMAT} file"
+                    elif head.get("topic") != self._faces_topic:
+                        # Another device id or prefix: its events belong to that topic, not to ours. Keep them.
+                        log.warning("MQTT saved events in %s are for %s, not %s: left in place", path,
+                                    head.get("topic"), self._faces_topic)
+                        return
+                    else:
+                        for line in fh:
+                            try:
+                                payload = json.loads(line)
+                                if not isinstance(payload, dict) or len(line) > _SPILL_MAX_LINE:
+                                    raise ValueError("not an event")
+                            except ValueError:
+                                skipped += 1
+                                continue
+                            kind = payload.get("type") if payload.get("type") in _KINDS else None
+                            face = payload.get("face_id") if isinstance(payload.get("face_id"), str) else None
+                            entries.append(_Entry(line.rstrip(b"\n"), kind, face if kind else None))
+            except (OSError, ValueError) as exc:
+                problem = f"unreadable ({exc})"
+        if problem:
+            aside = path.with_name(path.name + ".bad")
+            log.error("MQTT saved events %s are %s: moved to %s, not sent", path, problem, aside)
+            try:
+                os.replace(path, aside)
+            except OSError:
+                pass
+            return
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.error("MQTT cannot remove %s after loading it (%s): its events may be sent again next start", path,
+                      exc.strerror or exc)
+        with self._cond:
+            queued = list(self._pending)
+            self._pending.clear()
+            self._queued_kinds.clear()
+            self._queued_faces.clear()
+            for e in entries + queued:
+                self._pending.append(e)
+                self._queued(e, 1)
+            while len(self._pending) > self.cfg.buffer_size:
+                self._evict()
+        log.info("MQTT queued %d events saved at the last stop%s; they are sent first", len(entries),
+                 f" ({skipped} unreadable lines skipped)" if skipped else "")
 
     def _unsent(self) -> int:
         with self._cond:

@@ -182,7 +182,9 @@ class Service:
         self.source = open_source(cfg.source)
         self.tracker = Tracker(cfg.track, list(self.classifier.labels))
         if cfg.mqtt.enabled:
-            self.publisher = MqttPublisher(cfg.mqtt, cfg.device.id)
+            # Events still undelivered at a stop are saved there and sent first by the next start.
+            self.publisher = MqttPublisher(cfg.mqtt, cfg.device.id,
+                                           spill_path=os.path.join(cfg.device.state_dir, "mqtt-outbox.jsonl"))
             self.homeassistant = HomeAssistant(cfg.homeassistant, self.publisher, cfg.device.id,
                                                labels=list(self.classifier.labels),
                                                model_version=self.classifier.version)
@@ -464,15 +466,15 @@ class Service:
                 self.publisher.publish("stats", final)
             if self.homeassistant is not None:
                 self.homeassistant.close()  # final state (nobody in view) before "offline"
-            unsent = self.publisher.stop(timeout=self.cfg.service.shutdown_timeout_s)
+            unsent = self.publisher.stop(timeout=self.cfg.service.shutdown_timeout_s)  # not delivered, not saved
             mq = self.publisher.stats()
             if final is not None:
                 final["mqtt"] = mq
             self.events_lost = unsent + mq["dropped"]
             if self.events_lost:
                 by_type = ", ".join(f"{k} {n}" for k, n in sorted(self.publisher.dropped_by_type().items()))
-                log.error("%d events lost: %d not delivered within service.shutdown_timeout_s = %gs (broker "
-                          "unreachable?), %d dropped earlier%s; exit status %d", self.events_lost, unsent,
+                log.error("%d events lost: %d neither delivered within service.shutdown_timeout_s = %gs (broker "
+                          "unreachable?) nor saved, %d dropped earlier%s; exit status %d", self.events_lost, unsent,
                           self.cfg.service.shutdown_timeout_s, mq["dropped"], f" ({by_type})" if by_type else "",
                           EXIT_EVENTS_LOST)
         if final is not None:

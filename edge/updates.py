@@ -364,8 +364,8 @@ class UpdateManager:
         try:
             for req in self.store.cleanup(keep=(self.watch_dir,)):
                 self._set_last(req.get("id"), req.get("action", "install"), "failed",
-                               f"install from {req.get('origin', '?')} was interrupted (daemon stopped or "
-                               "crashed during it); the previous model stayed active")
+                               f"{req.get('action', 'install')} from {req.get('origin', '?')} was interrupted "
+                               "(daemon stopped or crashed during it); the previous model stayed active")
             self._load_handled()
             self._load_replay_floor()
             ptr = self.store.count_start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -336,3 +337,70 @@ def test_config_directory_and_oversized_file(tmp_path):
     big.write_text("# padding\n" * 200_000)  # 2 MB of comments
     err = raises_key(str(big), str(big), env={})
     assert "too large" in err.msg and "MiB" in err.msg
+
+
+def _readme_ranges() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("| Key | Range | Key | Range |")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for keys, rng in zip(cells[0::2], cells[1::2]):
+            for key in re.findall(r"`([a-z_]+\.[a-z_]+)`", keys):
+                rows.append((key, re.sub(r"\s+\(.*\)$", "", rng)))  # drop "(0 = native)"-style notes
+    return rows
+
+
+def test_readme_range_table_matches_validation():
+    """Each documented range: its ends accepted (or refused, for open ends), just outside refused."""
+    from edge.config import _hints
+
+    rows = _readme_ranges()
+    assert len(rows) >= 30, rows
+    problems = []
+
+    def ok(key: str, value, extra: dict | None = None) -> bool:
+        try:
+            load_config(None, {key: str(value), **(extra or {})}, env={})
+            return True
+        except ConfigError as e:
+            if e.key != key:
+                problems.append(f"{key}={value}: error names {e.key}: {e}")
+            return False
+
+    for key, rng in rows:
+        section, name = key.split(".")
+        is_int = _hints(SECTIONS[section])[name] is int
+        sibling = {key.replace("_min_s", "_max_s"): "3600"} if name.endswith("_min_s") else {}
+
+        def step(x):
+            return 1 if is_int else max(abs(x) * 1e-3, 1e-4)
+
+        num = int if is_int else float
+        if re.fullmatch(r"[\d, ]+", rng):  # a set such as "0, 1, 2"
+            allowed = [int(v) for v in rng.split(",")]
+            checks = [(v, True) for v in allowed] + [(min(allowed) - 1, False), (max(allowed) + 1, False)]
+        elif m := re.fullmatch(r"([(\[])([\d.]+), ([\d.]+)([)\]])", rng):
+            lo, hi = num(m[2]), num(m[3])
+            checks = [(lo, m[1] == "["), (hi, m[4] == "]"), (lo - step(lo), False), (hi + step(hi), False),
+                      ((lo + hi) / 2, True)]
+        elif m := re.fullmatch(r"(0 or )?([\d.]+|[a-z_]+)\.\.([\d.]+)", rng):
+            hi = num(m[3])
+            checks = [(hi, True), (hi + step(hi), False)]
+            if m[2][0].isdigit():
+                lo = num(m[2])
+                checks += [(lo, True), (lo - step(lo), m[1] is not None and lo - step(lo) == 0)]
+            else:  # bounded below by another key: its default
+                lo = getattr(SECTIONS[section](), m[2])
+                checks += [(lo, True), (lo - step(lo), False)]
+            if m[1]:
+                checks.append((0, True))
+        else:
+            problems.append(f"{key}: cannot read the documented range {rng!r}")
+            continue
+        for value, accepted in checks:
+            if ok(key, value, sibling if accepted else None) != accepted:
+                problems.append(f"{key}={value}: README says {rng}, validation {'refused' if accepted else 'took'} it")
+    assert not problems, "\n".join(problems)

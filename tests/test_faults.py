@@ -44,19 +44,30 @@ def produced_after(d: Daemon, t: float) -> list:
 
 # --- broker faults ------------------------------------------------------------------------------------------------
 
-def test_broker_sigkill_outage_exact_count(persistent_broker, tmp_path, daemons):
+def save_broker_db(broker) -> None:
+    """SIGUSR1: mosquitto writes its in-memory database now (sessions, subscriptions, queued messages)."""
+    saves = broker.log_tail(10**6).count("Saving in-memory database")
+    broker._proc.send_signal(signal.SIGUSR1)
+    assert wait_until(lambda: broker.log_tail(10**6).count("Saving in-memory database") > saves, timeout=5), \
+        broker.log_tail()
+
+
+def test_broker_sigkill_outage_exact_count(make_broker, tmp_path, daemons):
     """SIGKILL (no clean shutdown, no last save) for 3 s mid-run: 0 lost, 0 duplicates, in order."""
-    broker = persistent_broker
+    # The subscriber's session (its subscription) must survive the kill, so the broker queues for it whatever the
+    # daemon delivers before the subscriber is back. It is saved once, before any event: with periodic autosaves
+    # a save can catch an event on its way to the subscriber, and the restarted broker sends that one again
+    # (a duplicate made by the broker, not by the daemon).
+    broker = make_broker(persistence=True, extra_config=["autosave_interval 0", "log_type debug"])
     device = "t-sigkill"
     topic = f"fer-edge/{device}/faces"
-    # A persistent session, saved by the broker (autosave every second) before the kill: after the restart the
-    # broker queues for the subscriber whatever the daemon delivers before the subscriber is back.
     sub = Subscriber(broker.host, broker.port, topic, persistent=True, client_id="sigkill-test-sub").start()
     try:
+        save_broker_db(broker)
         d = Daemon(tmp_path, run_args(broker, device, "--duration", "14"))
         daemons.append(d)
         assert sub.wait_for(lambda ms: len(ms) >= 1, timeout=30), d.log()[-3000:]
-        time.sleep(1.5)  # at least one autosave since the subscription
+        time.sleep(1.0)
         broker.kill()
         down_at = time.time()
         time.sleep(3)
@@ -73,7 +84,7 @@ def test_broker_sigkill_outage_exact_count(persistent_broker, tmp_path, daemons)
     assert len(during) >= 2, f"too few events while the broker was dead to mean anything: {during}"
     lost = [p for p in produced if p not in set(got)]
     dups = len(got) - len(set(got))
-    assert (lost, dups) == ([], 0), f"lost {lost}, {dups} duplicates: received {got}, killed at {down_at}"
+    assert (lost, dups) == ([], 0), f"lost {lost}, {dups} duplicates: received {got}, killed at {down_at}\n{broker.log_tail(6000)}"
     assert got == produced  # in order
     check_lifecycles([(t, f) for t, f, _ in produced])
     final = d.final_stats()
@@ -83,9 +94,12 @@ def test_broker_sigkill_outage_exact_count(persistent_broker, tmp_path, daemons)
 def test_sigterm_with_the_broker_down_exits_non_zero_and_logs_the_lost_count(broker, tmp_path, daemons):
     device = "t-lost"
     topic = f"fer-edge/{device}/faces"
+    state = tmp_path / "state"
+    (state / "mqtt-outbox.jsonl.tmp").mkdir(parents=True)  # the backlog cannot be saved either
     sub = Subscriber(broker.host, broker.port, topic).start()
     try:
-        d = Daemon(tmp_path, run_args(broker, device, "--set", "service.shutdown_timeout_s=1"))
+        d = Daemon(tmp_path, run_args(broker, device, "--set", "service.shutdown_timeout_s=1",
+                                      "--set", f"device.state_dir={state}"))
         daemons.append(d)
         assert sub.wait_for(lambda ms: len(ms) >= 1, timeout=30), d.log()[-3000:]
         broker.kill()
@@ -107,6 +121,41 @@ def test_sigterm_with_the_broker_down_exits_non_zero_and_logs_the_lost_count(bro
     # At least everything produced after the kill (including the ends of the faces in view at SIGTERM).
     assert int(lost[0]) >= len(produced_after(d, killed_at))
     assert took < 10, f"shutdown took {took:.1f} s with service.shutdown_timeout_s = 1"
+
+
+def test_backlog_at_sigterm_is_saved_and_delivered_by_the_next_start(broker, tmp_path, daemons):
+    """Broker down at SIGTERM: the backlog goes to state_dir (exit 0, nothing lost) and the next run sends it
+    first, then its own events."""
+    device = "t-spill"
+    topic = f"fer-edge/{device}/faces"
+    state = tmp_path / "state"
+    state.mkdir()
+    args = ["--set", "service.shutdown_timeout_s=1", "--set", f"device.state_dir={state}"]
+    sub = Subscriber(broker.host, broker.port, topic).start()
+    try:
+        first = Daemon(tmp_path, run_args(broker, device, *args), name="first")
+        daemons.append(first)
+        assert sub.wait_for(lambda ms: len(ms) >= 1, timeout=30), first.log()[-3000:]
+        broker.stop()
+        stopped_at = time.time()
+        assert wait_until(lambda: len(produced_after(first, stopped_at)) >= 2, timeout=20), first.log()[-3000:]
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0, first.log()[-3000:]
+        assert (state / "mqtt-outbox.jsonl").is_file()
+        assert not LOST_LINE.search(first.log())
+        broker.start()
+        assert sub.wait_subscribed(10)
+        second = Daemon(tmp_path, run_args(broker, device, *args, "--duration", "3"), name="second")
+        daemons.append(second)
+        assert second.wait(40) == 0, second.log()[-3000:]
+        produced = first.produced() + second.produced()
+        assert sub.wait_for(lambda ms: len({m.payload for m in ms}) >= len(produced), timeout=20), \
+            (len(produced), len(sub.messages))
+        got = list(dict.fromkeys(received_ids(sub, topic)))
+    finally:
+        sub.stop()
+    assert got == produced  # the first run's backlog, in order, before anything of the second run
+    assert not (state / "mqtt-outbox.jsonl").exists()
 
 
 def test_sigterm_delivers_the_backlog_when_the_broker_returns_in_time(persistent_broker, tmp_path, daemons):

@@ -485,7 +485,9 @@ def test_unsigned_commands_and_replays_do_nothing(tmp_path, keys):
     older = signed_rollback(op, "rb-0", device="cam1", issued_at=body["issued_at"] - 1)
     st = send(m, older)
     assert "replayed or out of order" in st["error"]
-    m2 = manager()
+    m2 = manager()  # a restart (or a kill) before the accepted rollback ran: reported as interrupted
+    st = m2.status()
+    assert st["request_id"] == "rb-1" and st["result"] == "failed" and "rollback from mqtt was interrupted" in st["error"]
     st = send(m2, older)
     assert "replayed or out of order" in st["error"], st
 
@@ -921,23 +923,61 @@ def test_cli_push_rollback_status_errors(broker, tmp_path, keys, capsys):
     assert "cannot reach the MQTT broker at 127.0.0.1:1" in err and "Traceback" not in err
 
 
-def test_one_off_commands_use_the_installed_model(tmp_path):
-    """predict/snapshot/doctor start from the same model as the daemon: the store's active one."""
-    import json as _json
-
-    from edge.classify import DEFAULT_MODEL, load_classifier
-    from edge.model_store import POINTER, ModelStore, current_model_path
+def test_one_off_commands_use_the_installed_model(tmp_path, keys):
+    """predict/snapshot/doctor start from the same model as the daemon: the store's active one, checked
+    the same way (a hand-placed model without its signed bundle is not used)."""
+    from edge.classify import load_classifier
+    from edge.model_store import POINTER, current_model_path
 
     state = tmp_path / "state"
     assert current_model_path(state, "") is None  # nothing installed: the bundled model
     assert current_model_path(state, "/x/m.tflite") == "/x/m.tflite"
     store = ModelStore(state / "models")
-    staging = store.new_staging({"id": "t"})
-    man = _json.loads(DEFAULT_MODEL.with_suffix(".json").read_text()) | {"version": "9.9.9"}
-    store.write_model(staging, _json.dumps(man).encode(), DEFAULT_MODEL.read_bytes())
-    entry = store.commit(staging, version="9.9.9", sha256=man["sha256"], origin="test")
+    entry = install_into(store, GOOD_A, "9.9.9", keys["op"]["key"])
     path = current_model_path(state, "/x/m.tflite")
     assert path == str(store.model_path(entry))
     assert load_classifier(path).version == "9.9.9"
+    cfg = _cfg(tmp_path, keys)
+    assert current_model_path(state, "", cfg.update) == path
+    other = _cfg(tmp_path, None, **{"update.public_keys": str(keys["other"]["pub"])})
+    assert current_model_path(state, "", other.update) is None  # signed by a key this config does not trust
+    (store.root / entry.dir / "bundle").unlink()
+    assert current_model_path(state, "") is None  # placed by hand: no signed bundle beside it
     (state / "models" / POINTER).write_text("{corrupt")
     assert current_model_path(state, "") is None  # a corrupt pointer falls back, like the daemon
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("update.public_keys", "notakey", "update.public_keys: public key 'notakey': neither a base64"),
+    ("update.public_keys", "/nonexistent/op.pub", "update.public_keys: .*op.pub"),
+    ("update.probation_s", "nan", "update.probation_s"),
+    ("update.probation_s", "1e9", "update.probation_s"),
+    ("update.watch_interval_s", "inf", "update.watch_interval_s"),
+    ("update.command_max_age_s", "-1", "update.command_max_age_s"),
+    ("update.watch_dir", "FILE", "update.watch_dir: .* is not a directory"),
+    ("device.state_dir", "FILE", "device.state_dir: .* is not a directory")])
+def test_bad_update_config_is_refused_at_start(tmp_path, key, value, match):
+    """Issue 20 items 4/5: keys are parsed and paths checked when the config loads (the CLI exits 2 with this
+    one line), not at the first push."""
+    from edge.config import ConfigError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, {key: str(tmp_path / "f") if value == "FILE" else value}, env={})
+
+
+def test_bad_public_key_exits_2_naming_the_key(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('[update]\npublic_keys = ["notakey"]\n[mqtt]\nenabled = false\n')
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "run", "-c", str(conf)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "update.public_keys" in r.stderr and "notakey" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_config_does_not_import_the_update_machinery():
+    """Issue 21: no import circle edge.config <-> edge.updates (the [update] section lives in edge.update_config)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, edge.config; print(sorted(m for m in sys.modules "
+                        "if m in ('edge.updates', 'edge.model_store', 'edge.service')))"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -34,8 +34,8 @@ def make_cfg(b, **kw) -> MqttConfig:
 def publishers():
     made: list[MqttPublisher] = []
 
-    def _make(cfg: MqttConfig, device_id: str = DEV) -> MqttPublisher:
-        p = MqttPublisher(cfg, device_id)
+    def _make(cfg: MqttConfig, device_id: str = DEV, **kwargs) -> MqttPublisher:
+        p = MqttPublisher(cfg, device_id, **kwargs)
         made.append(p)
         return p
 
@@ -318,6 +318,66 @@ def test_full_outbox_keeps_the_end_of_a_face_already_announced(persistent_broker
     got = delivered(sub, faces)
     check_pairs(got)
     assert ("end", "a", 4) in got
+
+
+def test_undelivered_events_are_saved_at_stop_and_sent_first_after_restart(broker, subscriber, publishers,
+                                                                          tmp_path):
+    spill = tmp_path / "mqtt-outbox.jsonl"
+    cfg = MqttConfig(host="127.0.0.1", port=free_port(), reconnect_min_s=0.1, reconnect_max_s=0.2)
+    p = publishers(cfg, spill_path=spill)
+    p.start()
+    for i in range(50):
+        p.publish_event(ev("update" if i % 5 else "new", f"f{i // 5}", i))
+    assert p.stop(timeout=0.3) == 0 and p.saved == 50  # nothing lost: all saved
+    lines = spill.read_bytes().splitlines()
+    assert json.loads(lines[0])["events"] == 50 and len(lines) == 51
+
+    sub = subscriber("fer-edge/+/faces")
+    q = publishers(make_cfg(broker), spill_path=spill)
+    q.publish_event(ev("new", "later", 50))  # queued before start: still after the saved ones
+    q.start()
+    faces = q.topic("faces")
+    assert sub.wait_topic(faces, lambda ms: len(ms) >= 51, timeout=10), q.stats()
+    assert first_occurrences(seqs(sub, faces)) == list(range(51))
+    assert not spill.exists()
+    assert q.stop(timeout=2) == 0 and not spill.exists()
+
+
+def test_saved_events_of_another_device_stay_and_a_corrupt_file_is_set_aside(broker, subscriber, publishers,
+                                                                             tmp_path, caplog):
+    spill = tmp_path / "mqtt-outbox.jsonl"
+    p = publishers(MqttConfig(host="127.0.0.1", port=free_port()), device_id="other")
+    p.spill_path = spill
+    p.start()
+    p.publish_event(ev("new", "a", 0))
+    assert p.stop(timeout=0.2) == 0 and spill.exists()
+    sub = subscriber("fer-edge/+/faces")
+    with caplog.at_level(logging.WARNING, logger="edge.mqtt"):
+        q = publishers(make_cfg(broker), spill_path=spill)
+        q.start()
+        assert wait_until(lambda: q.stats()["connected"])
+    assert spill.exists() and "left in place" in caplog.text  # fer-edge/other/faces is not ours to send
+    q.stop(timeout=1)
+    assert sub.messages == [] or all(m.topic != "fer-edge/other/faces" for m in sub.messages)
+
+    spill.write_bytes(b"\x00" * 100)
+    with caplog.at_level(logging.ERROR, logger="edge.mqtt"):
+        r = publishers(make_cfg(broker), spill_path=spill)
+        r.start()
+    assert not spill.exists() and spill.with_name(spill.name + ".bad").exists()
+    assert "moved to" in caplog.text
+
+
+def test_unsaveable_events_are_reported_lost(publishers, tmp_path, caplog):
+    spill = tmp_path / "mqtt-outbox.jsonl"
+    spill.with_name(spill.name + ".tmp").mkdir()  # cannot be written (root ignores permissions, not this)
+    p = publishers(MqttConfig(host="127.0.0.1", port=free_port()), spill_path=spill)
+    p.start()
+    for i in range(3):
+        p.publish_event(ev("new", f"f{i}", i))
+    with caplog.at_level(logging.ERROR, logger="edge.mqtt"):
+        assert p.stop(timeout=0.2) == 3
+    assert "could not save 3 undelivered events" in caplog.text and not spill.exists()
 
 
 def test_publish_event_never_blocks_when_broker_down(publishers, caplog):
