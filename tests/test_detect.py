@@ -31,7 +31,8 @@ PLACES = [(30, 30, 220), (380, 60, 160), (220, 300, 130)]  # x, y, side in a 640
 
 def need_shared(path: Path) -> None:
     if not path.exists():
-        pytest.skip(f"{path} missing: ../shared (FER-2013 + YuNet model) is not beside the repo")
+        pytest.skip(f"{path} missing: ../shared, the read-only data folder beside the checkout (FER-2013 in "
+                    "Kaggle layout + YuNet), is absent; README 'Test data' says how to get it")
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +209,7 @@ def test_config_check_refuses_an_unusable_yunet_model_in_one_line(tmp_path, name
 def test_yunet_loads_from_a_fresh_clone_without_shared(tmp_path):
     """The committed package alone (no ../shared beside it, no download) runs the bundled YuNet."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("needs git and a git checkout of fer-edge to clone")
+        pytest.skip("needs git (sudo apt-get install git) and a git checkout of fer-edge to clone")
     clone = tmp_path / "fresh" / "fer-edge"
     r = subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], capture_output=True,
                        text=True, timeout=300)
@@ -253,3 +254,19 @@ def test_demo_clip_matches_ground_truth(backend):
         assert all(any(iou(b, g) > 0.3 for g in visible) for b in boxes), f"false face at frame {f}: {boxes}"
     cap.release()
     assert total > 40 and hits / total >= 0.9
+
+
+def test_doctor_says_which_detector_runs_and_warns_on_fallback(monkeypatch):
+    from edge.doctor import FAIL, OK, WARN, check_detector
+
+    check, det = check_detector(DetectConfig())
+    assert check.status == OK and det.name == "yunet"
+    assert "yunet: bundled face_detection_yunet_2026may.onnx" in check.line()
+    check, _ = check_detector(DetectConfig(backend="haar"))
+    assert check.status == OK and 'haar: detect.backend = "haar"' in check.line()
+    monkeypatch.delattr(cv2, "FaceDetectorYN")
+    check, det = check_detector(DetectConfig())
+    assert check.status == WARN and det.name == "haar"
+    assert "fallback from YuNet" in check.line() and "FaceDetectorYN" in check.line()
+    check, det = check_detector(DetectConfig(backend="haar", max_faces=0))
+    assert check.status == FAIL and det is None and "max_faces" in check.line()
