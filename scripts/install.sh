@@ -72,27 +72,35 @@ else
 m, bits = platform.machine(), struct.calcsize("P") * 8
 print("armv7l" if bits == 32 and m in ("aarch64", "armv8l", "arm64") else m)')"
 fi
-# What pip installs besides fer-edge itself (--no-deps) on armv7l: PyPI has armv7l wheels of these (the
-# cryptography cap keeps one that accepts Debian's cffi 1.15); numpy and OpenCV come from Debian (step 1).
-ARMV7_REQS=("tflite-runtime>=2.14" "cryptography>=41,<46" "paho-mqtt>=2,<3")
+# What pip installs: pyproject's dependencies with platform_machine markers evaluated for $MACHINE (not by pip:
+# uname says aarch64 under a 32-bit userland, and pip download for another platform evaluates them for the machine
+# it runs on). On armv7l numpy and OpenCV come from Debian (step 1: PyPI has no armv7l wheels of them), the
+# runtime is tflite-runtime (ai-edge-litert has no armv7l wheels) and cryptography stays below 46, the last with
+# armv7l wheels that accept Debian's cffi 1.15; fer-edge itself is then installed with --no-deps.
+requirements() {
+    "$PY" -c 'import re, sys, tomllib
+machine = sys.argv[2]
+for dep in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+    req, _, marker = (x.strip() for x in dep.partition(";"))
+    machines = re.findall(r"platform_machine\s*==\s*.([\w.-]+).", marker)
+    if machines and machine not in machines:
+        continue
+    name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+    if machine == "armv7l" and name in ("numpy", "opencv-python-headless"):
+        continue
+    if machine == "armv7l" and name == "cryptography":
+        req += ",<46" if re.search(r"[<>=!~]", req) else "<46"
+    print(req)
+if machine == "armv7l":
+    print("tflite-runtime>=2.14")' "$SRC/pyproject.toml" "$MACHINE"
+}
 case "$MACHINE" in
     x86_64|aarch64|armv7l) ;;
     armv6l) die "ARMv6 (Raspberry Pi 1, Zero, Zero W) is not supported: no TFLite runtime is built for it; use a Pi Zero 2 W, 3, 4 or 5" ;;
     *) die "unsupported architecture $MACHINE: fer-edge installs on x86_64, aarch64 (64-bit Pi OS) and armv7l (32-bit Pi OS)" ;;
 esac
 if [ "$PRINT_REQS" = 1 ]; then
-    if [ "$MACHINE" = armv7l ]; then
-        printf '%s\n' "${ARMV7_REQS[@]}"
-    else
-        # pyproject's dependencies with platform_machine markers evaluated for $MACHINE (pip download for another
-        # platform evaluates them for the machine it runs on).
-        "$PY" -c 'import re, sys, tomllib
-for d in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
-    req, _, marker = d.partition(";")
-    machines = re.findall(r"platform_machine\s*==\s*.([\w.-]+).", marker)
-    if not machines or sys.argv[2] in machines:
-        print(req.strip())' "$SRC/pyproject.toml" "$MACHINE"
-    fi
+    requirements
     exit 0
 fi
 
@@ -202,7 +210,8 @@ if [ "$OFFLINE" = 1 ]; then
 fi
 say "installing fer-edge from $SRC into $VENV"
 if [ "$MACHINE" = armv7l ]; then
-    "$VENV/bin/pip" install "${pip_args[@]}" "${ARMV7_REQS[@]}"
+    mapfile -t armv7_reqs < <(requirements)
+    "$VENV/bin/pip" install "${pip_args[@]}" "${armv7_reqs[@]}"
     "$VENV/bin/pip" install "${pip_args[@]}" --no-deps "$target"
 else
     "$VENV/bin/pip" install "${pip_args[@]}" "$target"
