@@ -81,7 +81,7 @@ class Mosquitto:
     ) -> None:
         self.binary = binary or find_mosquitto()
         if not self.binary:
-            raise MosquittoNotFound("mosquitto broker not installed (apt-get install mosquitto); MQTT tests skipped")
+            raise MosquittoNotFound("mosquitto broker not installed (sudo apt-get install mosquitto); MQTT tests skipped")
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = Path(workdir)

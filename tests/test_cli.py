@@ -21,6 +21,8 @@ from broker import free_port
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FER_TEST = SHARED / "data" / "fer2013" / "test"
+NO_FER = (f"FER-2013 test faces not found at {FER_TEST}: ../shared, the read-only data folder beside the checkout "
+          "(FER-2013 in Kaggle layout + YuNet), is absent; README 'Test data' says how to get it")
 LABELS = {"angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"}
 # Faces the demo clip uses (the detectors find them reliably once upscaled).
 FACES = ["happy/PublicTest_848748.jpg", "sad/PublicTest_44164524.jpg"]
@@ -50,7 +52,7 @@ def clean_env() -> dict:
 def faces_image(tmp_path_factory) -> tuple[Path, list[tuple[int, int, int]]]:
     """Two real FER-2013 test faces upscaled to 160 px on a plain background: (path, [(x, y, side)])."""
     if not FER_TEST.is_dir():
-        pytest.skip(f"FER-2013 test faces not found at {FER_TEST} (../shared beside the repo)")
+        pytest.skip(NO_FER)
     canvas = np.full((300, 520, 3), 110, np.uint8)
     placed = []
     for i, rel in enumerate(FACES):
@@ -141,7 +143,7 @@ def test_predict_reports_bad_files_and_still_processes_the_rest(faces_image, tmp
 @needs_model
 def test_predict_pre_cropped_fer_face_text_output(tmp_path):
     if not FER_TEST.is_dir():
-        pytest.skip(f"FER-2013 test faces not found at {FER_TEST} (../shared beside the repo)")
+        pytest.skip(NO_FER)
     path = FER_TEST / FACES[0]
     r = cli("predict", str(path))
     assert r.returncode == 0, r.stderr
@@ -152,7 +154,7 @@ def test_predict_pre_cropped_fer_face_text_output(tmp_path):
 
 def test_predict_honours_model_flip_average(tmp_path):
     if not FER_TEST.is_dir():
-        pytest.skip(f"FER-2013 test faces not found at {FER_TEST} (../shared beside the repo)")
+        pytest.skip(NO_FER)
     paths = [str(FER_TEST / f) for f in FACES]
     plain = [json.loads(line) for line in cli("predict", "--json", *paths).stdout.splitlines()]
     flip = [json.loads(line) for line in

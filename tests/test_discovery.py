@@ -149,7 +149,8 @@ def test_discovery_configs_keys_unique_ids_availability_device():
 
 def render(template: str, value_json) -> str:
     """Render a value template the way Home Assistant does (sandboxed Jinja with value_json and to_json)."""
-    jinja2 = pytest.importorskip("jinja2.sandbox", reason="jinja2 not installed: templates not rendered")
+    jinja2 = pytest.importorskip("jinja2.sandbox",
+                                 reason="jinja2 not installed (pip install -e '.[test]'): templates not rendered")
     env = jinja2.ImmutableSandboxedEnvironment()
     env.filters["to_json"] = json.dumps
     return env.from_string(template).render(value_json=value_json, value=json.dumps(value_json)).strip()

@@ -19,7 +19,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker import Mosquitto, MosquittoNotFound, free_port
+from broker import Mosquitto, MosquittoNotFound, find_mosquitto, free_port
 from edge.detect import Box
 from edge.discovery import HomeAssistantConfig, discovery_configs
 from edge.events import build_event, load_schema
@@ -87,8 +87,8 @@ def sample_event(kind: str, emotion: str = "happy", confidence: float = 0.8) -> 
 
 def test_mosquitto_sub_one_liner(live):
     if shutil.which("mosquitto_sub") is None:
-        pytest.skip("mosquitto_sub not installed (apt-get install mosquitto-clients; CI: add mosquitto-clients "
-                    "to .ci/run): the README one-liner is not exercised")
+        pytest.skip("mosquitto_sub not installed (sudo apt-get install mosquitto-clients; .ci/run installs it): "
+                    "the README one-liner is not exercised")
     argv = [live.host if a == "raspberrypi.local" else a for a in shlex.split(ONE_LINER)]
     argv += ["-p", str(live.port), "-C", "15", "-W", "60"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=90)
@@ -103,7 +103,8 @@ def test_mosquitto_sub_one_liner(live):
     state = json.loads(by_topic[f"{base}/state"][0])  # retained too
     assert state["device_id"] == DEVICE and state["faces"] == len(state["emotions"])
     assert f"{base}/faces" in by_topic, f"no face event among {len(lines)} messages: {sorted(by_topic)}"
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed: events not validated")
+    jsonschema = pytest.importorskip("jsonschema",
+                                     reason="jsonschema not installed (pip install -e '.[test]'): events not validated")
     validator = jsonschema.Draft202012Validator(load_schema())
     for payload in by_topic[f"{base}/faces"]:
         ev = json.loads(payload)
@@ -148,14 +149,16 @@ def entity_ids() -> dict[str, dict]:
 
 
 def ha_render(template: str, **variables) -> str:
-    sandbox = pytest.importorskip("jinja2.sandbox", reason="jinja2 not installed: templates not rendered")
+    sandbox = pytest.importorskip("jinja2.sandbox",
+                                  reason="jinja2 not installed (pip install -e '.[test]'): templates not rendered")
     env = sandbox.ImmutableSandboxedEnvironment()
     env.filters["to_json"] = json.dumps
     return env.from_string(template).render(**variables).strip()
 
 
 def test_home_assistant_automations_parse_and_match_discovery():
-    yaml = pytest.importorskip("yaml", reason="pyyaml not installed: the automation YAML is not checked")
+    yaml = pytest.importorskip("yaml",
+                               reason="pyyaml not installed (pip install -e '.[test]'): automation YAML not checked")
     automations = yaml.safe_load((EXAMPLES / "home_assistant_automation.yaml").read_text())
     assert isinstance(automations, list) and len(automations) >= 2
     ids = [a["id"] for a in automations]
@@ -233,3 +236,73 @@ def test_readme_shows_the_tested_examples():
     assert ONE_LINER in text, f"README's mosquitto_sub line differs from the tested one: {ONE_LINER}"
     for name in ("subscribe.py", "home_assistant_automation.yaml"):
         assert f"examples/{name}" in text, name
+
+
+def _readme_samples():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_samples", ROOT / "scripts" / "readme_samples.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's test command and .ci/run's are the same commands (.ci/run adds only the fresh venv)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    pip = re.search(r"^PIP_INSTALL='(.+)'$", ci, re.M)[1]
+    test = re.search(r"^TEST_COMMAND='(.+)'$", ci, re.M)[1]
+    assert 'eval "$PIP_INSTALL' in ci and 'eval "$TEST_COMMAND"' in ci
+    assert "python3 -m venv" in ci and "git clone" in ci, ".ci/run no longer tests a fresh venv on a fresh clone"
+    readme = (ROOT / "README.md").read_text()
+    apt = "sudo apt-get install -y mosquitto mosquitto-clients"
+    assert f"\n{apt} && {pip} && {test}\n" in readme, "README's test command differs from .ci/run's"
+    for package in apt.split()[4:]:
+        assert f"need+=({package})" in ci, package
+
+
+def test_readme_table_of_contents_lists_every_section():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- toc[^\n]*-->\n(.*?)<!-- /toc -->", readme, re.S)
+    assert m, "README.md lost its table of contents markers"
+    assert m[1] == _readme_samples().toc(readme), "table of contents is stale: python3 scripts/readme_samples.py --toc"
+    lines = readme.splitlines()
+    assert any("fer-edge demo" in ln for ln in lines[:30]), "the quick start left the first screen"
+
+
+def _shape(name: str, body: str):
+    """What must stay the same from run to run: JSON key paths (face ids as one key), or per text line its first
+    word with digits and device names generalised."""
+    m = re.match(r"```(\w*)\n(.*)```\n$", body, re.S)
+    if m is None:
+        return ("prose", bool(body.strip()))
+    kind, text = m[1], m[2]
+    if kind == "json":
+        def paths(obj, prefix=""):
+            if isinstance(obj, dict):
+                out = set()
+                for k, v in obj.items():
+                    k = "<face_id>" if re.fullmatch(r"\d+-[0-9a-f]{4}", k) else k
+                    out |= {f"{prefix}/{k}"} | paths(v, f"{prefix}/{k}")
+                return out
+            return set()
+        return ("json", sorted(paths(json.loads(text))))
+    words = [re.sub(r"\d", "0", ln.split()[0]) for ln in text.splitlines() if ln.strip()]
+    return ("text", sorted(re.sub(r"^(kitchen|hallway)\b", "DEVICE", w) for w in words))
+
+
+def test_readme_samples_are_what_a_real_run_prints(tmp_path):
+    """scripts/readme_samples.py re-captures every sample block from a real run; each keeps the README's shape."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed (sudo apt-get install mosquitto): the samples cannot be captured")
+    out, blocks = tmp_path / "README.md", tmp_path / "blocks.json"
+    r = subprocess.run([sys.executable, "scripts/readme_samples.py", "--fast", "--out", str(out), "--json",
+                        str(blocks)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    new = json.loads(blocks.read_text())
+    readme = (ROOT / "README.md").read_text()
+    shown = {m["name"]: m["body"] for m in _readme_samples().SAMPLE.finditer(readme)}
+    assert set(shown) == set(new), "README sample blocks and what the script captures differ"
+    for name, body in shown.items():
+        assert _shape(name, new[name]) == _shape(name, body), (name, new[name][:400])
+    assert _readme_samples().SAMPLE.sub("", out.read_text()) == _readme_samples().SAMPLE.sub("", readme)
