@@ -187,6 +187,40 @@ def test_hash_command_and_basic_auth(monkeypatch, capsys):
     assert main(["--stdin"]) == 2  # too short: nothing printed to paste
 
 
+def test_a_page_load_costs_one_scrypt_and_wrong_passwords_queue(monkeypatch, password_hash):
+    from edge.web import auth as auth_mod
+
+    calls = []  # (start, end) of each scrypt
+    real = auth_mod.verify
+
+    def timed(pw, h):
+        t0 = time.monotonic()
+        try:
+            return real(pw, h)
+        finally:
+            calls.append((t0, time.monotonic()))
+
+    monkeypatch.setattr(auth_mod, "verify", timed)
+    auth = auth_mod.BasicAuth("fer-edge", password_hash)
+    good = "Basic " + base64.b64encode(f"fer-edge:{PASSWORD}".encode()).decode()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(auth.check(good))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 6 and len(calls) == 1, "six parallel requests with one password: one scrypt"
+    bad = ["Basic " + base64.b64encode(f"fer-edge:guess{i}".encode()).decode() for i in range(3)]
+    threads = [threading.Thread(target=auth.check, args=(b,)) for b in bad]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 4
+    for (s0, e0), (s1, _) in zip(calls, calls[1:]):  # one after the other, each pause twice the scrypt before it
+        assert s1 - e0 >= 2 * (e0 - s0) - 1e-3, calls
+
+
 # --- the server in-process: health, limits, timeouts -------------------------------------------------------------
 
 def _server(**web):

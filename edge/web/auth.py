@@ -63,8 +63,9 @@ class BasicAuth:
     """Checks ``Authorization: Basic`` headers against one user and a scrypt hash.
 
     Browsers send the password with every request (the page polls), so a credential that passed is
-    remembered by its SHA-256 for ``cache_s``; only one scrypt runs at a time, so wrong passwords
-    cannot take more than one core away from the frame loop.
+    remembered by its SHA-256 for ``cache_s``. One scrypt runs at a time, followed by a pause twice as long
+    as it took: a flood of wrong passwords costs at most a third of one core, whatever the hardware, and
+    requests that carry the same credential as one being checked wait for that answer instead of another scrypt.
     """
 
     def __init__(self, username: str, password_hash: str, cache_s: float = 600.0, max_cached: int = 64):
@@ -76,6 +77,7 @@ class BasicAuth:
         self._good: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._scrypt = threading.Lock()
+        self._next_scrypt = 0.0
 
     def check(self, header: str | None) -> bool:
         if not header or len(header) > 1024:
@@ -84,11 +86,8 @@ class BasicAuth:
         if scheme.lower() != "basic":
             return False
         digest = hashlib.sha256(value.strip().encode("utf-8", "replace")).digest()
-        now = time.monotonic()
-        with self._lock:
-            until = self._good.get(digest)
-            if until is not None and until > now:
-                return True
+        if self._cached(digest):
+            return True
         try:
             user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
         except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -96,16 +95,30 @@ class BasicAuth:
         if not sep:
             return False
         with self._scrypt:
+            if self._cached(digest):  # checked by the request we waited for (a page loads several at once)
+                return True
+            time.sleep(max(0.0, self._next_scrypt - time.monotonic()))
+            t0 = time.monotonic()
             ok = verify(password, self._hash)
-        ok = hmac.compare_digest(user.encode("utf-8"), self.username.encode("utf-8")) and ok
-        if ok:
-            with self._lock:
-                if len(self._good) >= self._max_cached:
-                    self._good = {d: t for d, t in self._good.items() if t > now}
-                    if len(self._good) >= self._max_cached:
-                        self._good.clear()
-                self._good[digest] = now + self._cache_s
+            self._next_scrypt = time.monotonic() + 2 * (time.monotonic() - t0)
+            ok = hmac.compare_digest(user.encode("utf-8"), self.username.encode("utf-8")) and ok
+            if ok:
+                self._remember(digest)
         return ok
+
+    def _cached(self, digest: bytes) -> bool:
+        with self._lock:
+            until = self._good.get(digest)
+            return until is not None and until > time.monotonic()
+
+    def _remember(self, digest: bytes) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._good) >= self._max_cached:
+                self._good = {d: t for d, t in self._good.items() if t > now}
+                if len(self._good) >= self._max_cached:
+                    self._good.clear()
+            self._good[digest] = now + self._cache_s
 
 
 def main(argv: list[str] | None = None) -> int:
