@@ -232,7 +232,12 @@ def test_sparse_and_dripping_updates_through_the_daemon(tmp_path, broker, subscr
     grown_mib = (_vm_hwm_kib(d.proc.pid) - hwm0) / 1024
     assert grown_mib < 64, f"peak memory grew {grown_mib:.0f} MiB refusing sparse bundles"
 
-    # 2. a dripping download (1 byte / 0.2 s) with http_timeout_s = 2: refused at the deadline, then idle.
+    # 2. deeply nested JSON: a refusal on model/status naming the depth (it used to log a RecursionError).
+    n = dev.send(b'{"id": "deep", "x": ' + b"[" * 200_000)
+    st_ = dev.answer("deep", n)
+    assert st_["result"] == "refused" and "nested 200001 levels deep (at most 8)" in st_["error"], st_
+
+    # 3. a dripping download (1 byte / 0.2 s) with http_timeout_s = 2: refused at the deadline, then idle.
     t0 = time.monotonic()
     n = dev.send(signed_install(op, "drip", b"x" * drip.length, device=device, url=drip.url, version="9"))
     st_ = dev.answer("drip", n, results=("refused", "failed"))
@@ -240,7 +245,7 @@ def test_sparse_and_dripping_updates_through_the_daemon(tmp_path, broker, subscr
     assert dev.idle()["state"] == "idle"
     dev.still_serving(BASE_SHA)
 
-    # 3. SIGTERM during a dripping download (http_timeout_s would allow it 60 s): prompt clean exit, and the
+    # 4. SIGTERM during a dripping download (http_timeout_s would allow it 60 s): prompt clean exit, and the
     #    retained status says interrupted, not "updating".
     d.stop()
     d2 = Daemon(tmp_path, _conf(tmp_path, broker, keys, device, http_timeout_s=60.0), "d2")
