@@ -374,6 +374,13 @@ def test_wording_plurals_and_dry_run_tense():
     real = Report()
     real.change("created /etc/fer-edge (mode 0755)")
     assert real.lines == ["created /etc/fer-edge (mode 0755)"]
+    from edge.service import Service
+
+    stats = {"fps": 10.0, "faces_in_view": 1, "events": {"produced": 1}, "latency_ms": {"total": {"p50_ms": 5.0}},
+             "source": {"connected": True}, "mqtt": None}
+    assert Service._status_line(stats).startswith("10.0 fps, 1 face, 1 event, ")
+    stats.update(faces_in_view=2, events={"produced": 0})
+    assert Service._status_line(stats).startswith("10.0 fps, 2 faces, 0 events, ")
 
 
 def test_version():

@@ -306,3 +306,13 @@ def test_readme_samples_are_what_a_real_run_prints(tmp_path):
     for name, body in shown.items():
         assert _shape(name, new[name]) == _shape(name, body), (name, new[name][:400])
     assert _readme_samples().SAMPLE.sub("", out.read_text()) == _readme_samples().SAMPLE.sub("", readme)
+
+
+def test_readme_quotes_the_config_error_the_cli_prints():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"`(config error: mqtt\.port: [^`]+)`", readme)
+    assert m, "README no longer quotes a config error"
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "config", "--check", "--set", "mqtt.port=70000"], cwd=ROOT,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("FER_EDGE_")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == m[1]
