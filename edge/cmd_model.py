@@ -248,14 +248,16 @@ def cmd_verify(args) -> int:
 
 
 def _verify(args) -> int:
-    from edge.bundle import load_bundle_file, load_public_keys, sha256_hex, verify_bundle
+    from edge.bundle import BundleError, load_public_keys, load_verified, sha256_hex
 
-    bundle = load_bundle_file(args.bundle)
     entries = args.pub or _config(args).update.public_keys
     if not entries:
         raise CommandError("no public keys: pass --pub KEY or set update.public_keys in the config", EXIT_USAGE)
-    kid = verify_bundle(bundle, load_public_keys(entries))
-    data = Path(args.bundle).read_bytes()
+    try:
+        data = Path(args.bundle).read_bytes()
+    except OSError as e:
+        raise BundleError(f"{args.bundle}: {e.strerror}") from None
+    bundle, kid = load_verified(data, load_public_keys(entries))  # as the device does: signature first
     print(f"{args.bundle}: OK, model version {bundle.version}, model sha256 {bundle.model_sha256[:12]}…, "
           f"signed by key {kid}, bundle sha256 {sha256_hex(data)}")
     return EXIT_OK
