@@ -910,6 +910,16 @@ def test_cli_push_rollback_status_errors(broker, tmp_path, keys, capsys):
     assert "sent signed install request" in err and "no answer from ghost within 1 s" in err
     assert main(["model", "push", str(bundle), "--device", "ghost", *where, "--no-wait"]) == 0
     capsys.readouterr()
+    # --unsigned: the format 1 command a device with update.allow_unsigned still obeys.
+    sub = Subscriber(broker.host, broker.port, "fer-edge/ghost/cmd/model").start()
+    try:
+        assert main(["model", "push", str(bundle), "--device", "ghost", *where[:4], "--unsigned", "--no-wait"]) == 0
+        assert "sent unsigned install request" in capsys.readouterr().err
+        _wait(lambda: sub.on_topic("fer-edge/ghost/cmd/model"), 10, "the unsigned command")
+        req = parse_command(sub.on_topic("fer-edge/ghost/cmd/model")[-1].payload, 10**7, "mqtt")
+        assert req.signed_by is None and req.action == "install" and req.sha256 == sha(bundle.read_bytes())
+    finally:
+        sub.stop()
     (tmp_path / "junk.bundle").write_bytes(b"junk" * 300)
     assert main(["model", "push", str(tmp_path / "junk.bundle"), "--device", "ghost", *where]) == 1
     assert "not a model bundle" in capsys.readouterr().err
