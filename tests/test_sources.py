@@ -367,3 +367,16 @@ def test_picamera2_fixed_fps_is_left_alone(picamera2, monkeypatch):
             src.read(1.0)
             time.sleep(0.05)
     assert picamera2.INSTANCES[0].control_log == []
+
+
+def test_daemon_with_a_missing_video_file_exits_2_with_one_line(tmp_path):
+    """What a systemd user gets: exit 2 (RestartPreventExitStatus=2: no restart loop) and the line to fix."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FER_EDGE_", "NOTIFY_", "WATCHDOG_"))}
+    res = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--set", "source.kind=opencv", "--set",
+                          f"source.uri={tmp_path / 'missing.mp4'}", "--set", "mqtt.enabled=false"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "video file not found" in res.stderr and "fix source.uri" in res.stderr
+    assert "Traceback" not in res.stderr
