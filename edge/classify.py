@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.native_stderr import filtered_stderr, is_litert_info
+from edge.preprocess import crop_face
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,18 @@ class Classifier:
         probs = np.clip(probs, 0.0, None)
         s = probs.sum(axis=1, keepdims=True)
         return np.where(s > 0, probs / np.maximum(s, 1e-12), 1.0 / len(self.labels)).astype(np.float32)
+
+    def face_input(self, image: np.ndarray, box) -> np.ndarray:
+        """The face at ``box`` in a BGR or gray ``image``, framed as this model wants it: ``crop_face`` with the
+        manifest's input size and margin, a (size, size) uint8 gray face for ``predict``."""
+        return crop_face(image, box, self.input_size, self.margin)
+
+    def classify_faces(self, image: np.ndarray, boxes, flip_average: bool = False) -> np.ndarray:
+        """Probabilities (len(boxes), len(labels)) for the faces at ``boxes`` in ``image``, in one predict call."""
+        boxes = list(boxes)
+        if not boxes:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return self.predict(np.stack([self.face_input(image, b) for b in boxes]), flip_average=flip_average)
 
     def info(self) -> dict:
         return {"path": str(self.path), "version": self.version, "sha256": self.sha256, "backend": self.backend,

@@ -137,7 +137,6 @@ def take_snapshot(cfg, out: str, warmup_s: float = 2.0, timeout_s: float = 10.0,
     """
     from edge.classify import load_classifier
     from edge.detect import make_detector
-    from edge.preprocess import crop_face
 
     out_path = Path(out).expanduser()
     if out_path.suffix.lower() not in WRITABLE_EXTS:
@@ -153,8 +152,7 @@ def take_snapshot(cfg, out: str, warmup_s: float = 2.0, timeout_s: float = 10.0,
     boxes = detector.detect(image)
     faces = []
     if boxes:
-        probs = clf.predict(np.stack([crop_face(image, b, clf.input_size, clf.margin) for b in boxes]),
-                            flip_average=cfg.model.flip_average)
+        probs = clf.classify_faces(image, boxes, flip_average=cfg.model.flip_average)
         for b, p in zip(boxes, probs):
             k = int(np.argmax(p))
             faces.append({"bbox": {"x": int(b.x), "y": int(b.y), "w": int(b.w), "h": int(b.h)},

@@ -33,7 +33,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from edge.classify import load_classifier
     from edge.detect import Box, make_detector
-    from edge.preprocess import crop_face, inner_box
+    from edge.preprocess import inner_box
 
     overrides = collect_overrides(args)
     if args.model:
@@ -67,8 +67,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             # An already-cropped face (e.g. a 48x48 FER image): classify the whole image as framed.
             ib = inner_box(min(h, w), clf.margin)
             boxes, whole = [Box(int(round(ib.x)), int(round(ib.y)), int(round(ib.w)), int(round(ib.h)))], True
-        probs = clf.predict(np.stack([crop_face(image, b, clf.input_size, clf.margin) for b in boxes]),
-                            flip_average=cfg.model.flip_average) if boxes else np.zeros((0, len(clf.labels)), np.float32)
+        probs = clf.classify_faces(image, boxes, flip_average=cfg.model.flip_average)
         faces = []
         for b, p in zip(boxes, probs):
             k = int(np.argmax(p))
