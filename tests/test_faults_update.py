@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import random
+import select
 import signal
 import threading
 import time
@@ -142,6 +143,11 @@ def test_sigkill_during_installs_always_leaves_a_working_model(tmp_path, keys):
                 os._exit(0)
         os.close(w)
         # Wait until an install has started, then kill at a random moment within the next ~1.2 s.
+        ready, _, _ = select.select([r], [], [], 60)
+        if not ready:  # never hang the suite on a wedged child
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the installing child made no progress in 60 s")
         assert os.read(r, 1) == b"i"
         time.sleep(rng.uniform(0.0, 1.2))
         if list(root.glob(".tmp-*")):
