@@ -276,7 +276,11 @@ class _Picamera2Backend(_Backend):
         if self.cam is None or abs(target - self.native_fps) <= 0.15 * self.native_fps:
             return
         frame_us = int(round(1e6 / target))
-        self.cam.set_controls({"FrameDurationLimits": (frame_us, frame_us)})
+        try:
+            self.cam.set_controls({"FrameDurationLimits": (frame_us, frame_us)})
+        except Exception as e:  # a camera that refuses keeps its rate; capturing goes on
+            log.warning("picamera2: cannot set %.1f fps: %s", target, e)
+            return
         log.info("picamera2: %.1f fps (the pipeline uses %.1f)", target, used_fps)
         self.native_fps = target
 
@@ -506,6 +510,7 @@ class Source:
                         self._end()
                         break
                     if pass_frames == 0:  # a looped source with nothing readable must not spin
+                        self._failed(f"no frame could be read from {self.name}")
                         if self._stop.wait(delay):
                             break
                         delay = min(delay * 2, self.cfg.reconnect_max_s)

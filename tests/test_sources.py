@@ -380,3 +380,13 @@ def test_daemon_with_a_missing_video_file_exits_2_with_one_line(tmp_path):
     assert res.returncode == 2, res.stdout + res.stderr
     assert "video file not found" in res.stderr and "fix source.uri" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_unreadable_video_file_is_reported_down(tmp_path):
+    """A file that exists but never yields a frame: retried with backoff and reported down, not "up" at 0 fps."""
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    cfg = SourceConfig(kind="opencv", uri=str(bad), loop=True, reconnect_min_s=0.05, reconnect_max_s=0.1)
+    with open_source(cfg) as src:
+        assert wait_for(lambda: src.status == "down", timeout=30)
+        assert src.last_error and src.read(0.05) is None and not src.finished
