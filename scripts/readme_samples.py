@@ -2,14 +2,14 @@
 """Re-capture the README's example outputs from a real run and rewrite its marked blocks, so they cannot go
 stale silently.
 
-    python3 scripts/readme_samples.py              rewrite README.md (about 40 s)
+    python3 scripts/readme_samples.py              rewrite README.md (about 75 s)
     python3 scripts/readme_samples.py --toc        only the table of contents (no run)
     python3 scripts/readme_samples.py --out X.md   write the result to X.md instead
     python3 scripts/readme_samples.py --fast ...   the clip as fast as it decodes (tests; fps and times untypical)
 
 A run: a local mosquitto (or amqtt) on a free port, two daemons ("kitchen" with Home Assistant discovery on, and
-"hallway") on the demo clip, `fer-edge listen --device +` and examples/subscribe.py beside them, and a
-subscriber to everything under fer-edge/. A block is what sits between ``<!-- sample: NAME -->`` and
+"hallway") on the demo clip, `fer-edge listen --device +` and examples/subscribe.py beside them, a subscriber to
+everything under fer-edge/; then `fer-edge demo` alone (with its own broker). A block is what sits between ``<!-- sample: NAME -->`` and
 ``<!-- /sample -->`` in README.md; the table of contents sits between ``<!-- toc... -->`` and ``<!-- /toc -->``.
 """
 
@@ -158,6 +158,14 @@ def capture(fast: bool) -> dict[str, str]:
             if d.returncode != 0:
                 raise SystemExit(f"readme_samples: daemon {d.args[5]} exited {d.returncode}: {err[-800:]}")
         time.sleep(1.0)  # the last events travel through the broker
+        # The demo alone afterwards (its own broker), so that it runs as on an idle machine.
+        demo = Lines([sys.executable, "-m", "edge.cli", "demo", *(["--set", "source.realtime=false"] if fast else [])],
+                     env)
+        procs.append(demo)
+        if demo.proc.wait(120) != 0:
+            raise SystemExit(f"readme_samples: fer-edge demo exited {demo.proc.returncode}: "
+                             f"{demo.proc.stderr.read()[-800:]}")
+        time.sleep(0.2)  # its last lines through the reader thread
     finally:
         for p in procs:
             p.stop()
@@ -167,10 +175,11 @@ def capture(fast: bool) -> dict[str, str]:
             pass
         broker.stop()
     version = read_manifest(DEFAULT_MODEL)["version"]
-    return blocks(rec.messages, listen.lines, sub.lines, version)
+    return blocks(rec.messages, listen.lines, sub.lines, version, demo.lines)
 
 
-def blocks(messages: list[tuple[str, bytes, bool]], listen: list[str], sub: list[str], version: str) -> dict:
+def blocks(messages: list[tuple[str, bytes, bool]], listen: list[str], sub: list[str], version: str,
+           demo: list[str]) -> dict:
     def payloads(suffix: str, device: str = "kitchen") -> list:
         return [json.loads(p) for t, p, _ in messages if t == f"fer-edge/{device}/{suffix}" and p.startswith(b"{")]
 
@@ -209,7 +218,15 @@ def blocks(messages: list[tuple[str, bytes, bool]], listen: list[str], sub: list
         "stats": fenced("json", json.dumps(rounded(stats))),
         "model-status": fenced("json", json.dumps(rounded(model_status))),
         "subscriber": fenced("text", "\n".join(sub[:6])),
+        "demo": fenced("text", "\n".join(demo_excerpt(demo))),
     }
+
+
+def demo_excerpt(lines: list[str]) -> list[str]:
+    """The demo's first events and its closing lines (summary, ground truth), the middle elided."""
+    end = next((i for i, ln in enumerate(lines) if ln.startswith("demo finished")), len(lines))
+    head = lines[:min(end, 8)]
+    return head + (["…"] if end > len(head) else []) + lines[end:]
 
 
 def rewrite(readme: str, new: dict[str, str] | None) -> tuple[str, list[str]]:

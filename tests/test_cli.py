@@ -346,6 +346,10 @@ def test_event_printer_stamps_arrival_and_demo_truth_compares_labels():
     assert len(lines) == 4 and lines[3].startswith("2 of 3 labels found. The model is right on ")
     assert "% of the sad ones (its manifest)" in lines[3]
     assert demo_truth(printer, frames_played=0) == []
+    # a face the tracker lost and found again (two ids on one clip face) counts as one, with both ids
+    ev("4-c", 2, "sad")
+    lines = demo_truth(printer, frames_played=120, manifest=read_manifest(DEFAULT_MODEL))
+    assert re.search(r"face 2-b\+4-c\s+label sad\s+model neutral -> sad\s+right$", lines[2]), lines
 
 
 def test_native_stderr_filter_keeps_everything_but_the_noise(capfd):

@@ -130,11 +130,15 @@ def demo_truth(printer: EventPrinter, frames_played: int, manifest: dict | None 
                 return track
         return None
 
-    said: dict[int, tuple[str, list[str]]] = {}
+    said: dict[int, tuple[str, list[str]]] = {}  # track -> (face ids, emotions); a lost and found face has two ids
     for fid, bbox in printer.first_bbox.items():
         track = track_of(bbox)
-        if track is not None and track not in said:
-            said[track] = (fid, printer.emotions.get(fid, []))
+        if track is not None:
+            ids, emotions = said.get(track, ("", []))
+            for e in printer.emotions.get(fid, []):
+                if not emotions or emotions[-1] != e:
+                    emotions.append(e)
+            said[track] = (f"{ids}+{fid}" if ids else fid, emotions)
     lines = ["clip ground truth: the FER-2013 label of each face shown, beside what the model said"]
     right = total = 0
     missed: list[str] = []
