@@ -153,6 +153,18 @@ class Detector:
         raise NotImplementedError
 
 
+def _haar_dir() -> str:
+    """Where the Haar cascades are: cv2.data in the opencv-python wheels; Debian's python3-opencv (32-bit Pi OS)
+    has no cv2.data, its cascades come with opencv-data."""
+    data = getattr(cv2, "data", None)
+    if data is not None:
+        return data.haarcascades
+    for d in ("/usr/share/opencv4/haarcascades", "/usr/share/opencv/haarcascades"):
+        if os.path.isdir(d):
+            return d
+    return ""
+
+
 class HaarDetector(Detector):
     """OpenCV's bundled frontal-face Haar cascade (score is always 1.0)."""
 
@@ -160,10 +172,11 @@ class HaarDetector(Detector):
 
     def __init__(self, cfg: DetectConfig, cascade_path: str | None = None):
         super().__init__(cfg)
-        path = cascade_path or os.path.join(cv2.data.haarcascades, HAAR_CASCADE)
+        path = cascade_path or os.path.join(_haar_dir(), HAAR_CASCADE)
         self._cascade = cv2.CascadeClassifier(path)
         if self._cascade.empty():
-            raise DetectorError(f"cannot load Haar cascade {path}: reinstall opencv-python-headless")
+            raise DetectorError(f"cannot load Haar cascade {path}: reinstall opencv-python-headless (with Debian's "
+                                "python3-opencv: apt install opencv-data)")
         self.model_path = path
         self.reason = 'detect.backend = "haar"'
         self._gray: np.ndarray | None = None
