@@ -212,7 +212,8 @@ say "installing fer-edge from $SRC into $VENV"
 if [ "$MACHINE" = armv7l ]; then
     mapfile -t armv7_reqs < <(requirements)
     "$VENV/bin/pip" install "${pip_args[@]}" "${armv7_reqs[@]}"
-    "$VENV/bin/pip" install "${pip_args[@]}" --no-deps "$target"
+    # --no-warn-conflicts: pip would call opencv-python-headless missing; Debian's python3-opencv provides cv2.
+    "$VENV/bin/pip" install "${pip_args[@]}" --no-deps --no-warn-conflicts "$target"
 else
     "$VENV/bin/pip" install "${pip_args[@]}" "$target"
 fi
