@@ -130,8 +130,15 @@ say "fer-edge version"
 run_in fer-edge version
 say "fer-edge doctor (no broker, no camera here: those checks fail; the model and runtime lines matter)"
 run_in fer-edge doctor || true
-say "fer-edge demo --no-mqtt --max-frames 30"
-run_in fer-edge demo --no-mqtt --max-frames 30
+# Under emulation a frame takes seconds: the clip is read losslessly (realtime = false; paced, it would be sampled
+# too sparsely to track a face) and a track may go 60 s without a detection (track.max_missed_s is 1 s, less than
+# one emulated frame). The clip's first face (from frame 19) then becomes events, as on a Pi.
+demo_args=(--no-mqtt --max-frames 30 --set source.realtime=false --set track.max_missed_s=60)
+say "fer-edge demo ${demo_args[*]}"
+demo_out="$(run_in fer-edge demo "${demo_args[@]}" 2>&1)" \
+    || { echo "$demo_out"; die "fer-edge demo failed"; }
+echo "$demo_out"
+case "$demo_out" in *"; 0 events produced"*) die "fer-edge demo produced no events" ;; esac
 say "fer-edge predict"
 # A frame of the bundled clip with a face in it (the clip starts on an empty background).
 run_in /opt/fer-edge/venv/bin/python -c 'import sys, cv2, edge.sources as s
