@@ -282,7 +282,11 @@ class _VideoClock:
         self.index = -1
 
     def read(self, timeout=None):
+        # A file never stalls like a camera: wait out slow decodes (a loaded machine) instead of letting the daemon
+        # age its tracks at wall-clock time, which is not this video's time.
         frame = self._source.read(timeout=timeout)
+        while frame is None and not self._source.finished:
+            frame = self._source.read(timeout=timeout)
         if frame is None:
             return None
         self.index = frame.index
@@ -433,12 +437,16 @@ def score(plan: Plan, faces: list[FaceImage], still: list[str], run: dict, min_f
     big = [(si, j) for si, j, sf in all_faces if sf.size >= min_face]
     # Per-frame detection: each fully shown face-frame, found when a returned box overlaps it.
     frame_hits: dict[str, list[int]] = {}
+    face_frames: dict[tuple[int, int], list[int]] = {}
     for idx, boxes, _ in run["calls"]:
         for si, j, tb in truth_boxes(plan, idx, full_only=True):
             hit = any(iou((b.x, b.y, b.w, b.h), tb) >= iou_min for b in boxes)
             fb = frame_hits.setdefault(_bucket(tb[2], min_face), [0, 0])
             fb[0] += 1
             fb[1] += int(hit)
+            ff = face_frames.setdefault((si, j), [0, 0])
+            ff[0] += 1
+            ff[1] += int(hit)
     matched = [t for ts in by_face.values() for t in ts]
     label = {(si, j): sf.label for si, j, sf in all_faces}
     still_of = {(si, j): still[sf.face] for si, j, sf in all_faces}
@@ -470,6 +478,12 @@ def score(plan: Plan, faces: list[FaceImage], still: list[str], run: dict, min_f
         "still_accuracy_all_faces_pct": _pct(still_ok_all, len(label)),
         "matched_tracks": len(matched), "ended_tracks": len(ended),
         "detect_ms": _ms([c[2] for c in run["calls"]]),
+        "per_face": [{"scene": si, "face": j, "file": faces[sf.face].path, "label": sf.label, "size": sf.size,
+                      "background": plan.scenes[si].background, "tracks": len(by_face.get((si, j), [])),
+                      "frames_found": face_frames.get((si, j), [0, 0])[1],
+                      "frames_shown": face_frames.get((si, j), [0, 0])[0],
+                      "new": [t["new"] for t in by_face.get((si, j), [])], "still": still_of[(si, j)]}
+                     for si, j, sf in all_faces],
         "daemon_total_ms": {k: lat.get("total", {}).get(k) for k in ("p50_ms", "p95_ms")},
     }
 
