@@ -477,7 +477,8 @@ class MqttPublisher:
 
     def _unsent(self) -> int:
         with self._cond:
-            return len(self._pending) + len(self._inflight)
+            # Acknowledged entries wait in _inflight only until the ones before them are acknowledged too.
+            return len(self._pending) + sum(1 for e in self._inflight if not e.acked)
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
