@@ -20,6 +20,9 @@ from edge.preprocess import crop_face
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).with_name("models") / "fer_emotion.tflite"
+# model.variant -> the bundled model it selects: "default" for Pi 4 / Pi 5 class CPUs, "small" (less time per
+# face, lower accuracy; see edge/models/MODEL_CARD.md) for Pi Zero 2 W / Pi 3
+VARIANTS = {"default": DEFAULT_MODEL, "small": DEFAULT_MODEL.with_name("fer_emotion_small.tflite")}
 MANIFEST_FORMAT = "fer-edge-model/1"
 
 
@@ -32,9 +35,21 @@ class ModelConfig:
     path: str = ""  # "" = the bundled default model
     threads: int = 1
     flip_average: bool = False  # also classify the mirrored face and average: +0.4-1.2 points, 2x the time
-
+    variant: str = "default"  # which bundled model when path is "": "default" or "small" (VARIANTS)
 
     def validate(self) -> None:
+        if not isinstance(self.variant, str) or self.variant not in VARIANTS:
+            raise ValueError(f"variant: must be one of {', '.join(map(repr, VARIANTS))} (got {self.variant!r})")
+        if self.variant != "default":
+            bundled = VARIANTS[self.variant]
+            if self.path and Path(self.path) != bundled:
+                raise ValueError(f"variant: {self.variant!r} selects a bundled model, but path is set too "
+                                 f"({self.path}); set one of them")
+            if not bundled.is_file() or not manifest_path(bundled).is_file():
+                raise ValueError(f"variant: the {self.variant!r} model ({bundled.name} with its .json manifest) "
+                                 "is not installed with this version; use \"default\"")
+            # every loader reads model.path ("" = the default bundle), so the variant resolves to it here, once
+            self.path = str(bundled)
         if not isinstance(self.flip_average, bool):
             raise ValueError(f"flip_average: must be true or false (got {self.flip_average!r})")
         if not 1 <= self.threads <= 16:

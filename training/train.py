@@ -116,6 +116,25 @@ def teacher_targets(paths, x: np.ndarray, temperature: float = 2.0, batch: int =
     return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
+def cached_teacher_targets(out: Path, paths, x: np.ndarray, temperature: float) -> np.ndarray:
+    """``teacher_targets``, kept in the run folder so that a resumed run does not recompute them (minutes of
+    teacher inference for bundles); reused only for the same teachers (path, size, mtime), temperature and faces."""
+    key = {"teachers": [[str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths],
+           "temperature": temperature, "faces": int(len(x)), "checksum": int(x[:, ::7, ::7].sum(dtype=np.int64))}
+    cache = out / "teacher_targets.npz"
+    if cache.exists():
+        try:
+            z = np.load(cache, allow_pickle=False)
+            if json.loads(str(z["key"])) == key:
+                print(f"teacher targets reused from {cache}", flush=True)
+                return z["soft"]
+        except (OSError, ValueError, KeyError):
+            pass
+    soft = teacher_targets(paths, x, temperature)
+    np.savez(cache, soft=soft, key=json.dumps(key))
+    return soft
+
+
 def online_teacher(teachers, temperature: float = 2.0, bf16: bool = False):
     """A function from an augmented batch to its distillation targets ("consistent" teaching).
 
@@ -303,7 +322,7 @@ def train(args) -> int:
         print(f"distilling from {len(args.distill)} teacher(s), weight {args.distill_weight}, "
               f"T {args.distill_temperature}, consistent: the teachers see every augmented batch", flush=True)
     elif args.distill:
-        soft = teacher_targets(args.distill, tr.x, args.distill_temperature)
+        soft = cached_teacher_targets(out, args.distill, tr.x, args.distill_temperature)
         agree = float((soft.argmax(1) == tr.y).mean())
         print(f"distilling from {len(args.distill)} teacher(s), weight {args.distill_weight}, "
               f"T {args.distill_temperature}: teacher agrees with {agree:.1%} of training labels", flush=True)
