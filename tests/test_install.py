@@ -5,6 +5,7 @@ changes nothing, uninstall (and --purge); the CLI commands; scripts/install.sh e
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -303,3 +304,32 @@ def test_install_and_run_on_the_pi_userland(arch, qemu):
                          capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     assert f"OK: fer-edge installs and runs on Debian bookworm {arch}" in res.stdout
+
+
+def install_sh(*args: str, machine: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FER_EDGE_", "PIP_"))}
+    env["MACHINE_OVERRIDE"] = machine  # what the interpreter would say on that board
+    return subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_install_sh_refuses_armv6_at_the_start_in_one_line(tmp_path):
+    res = install_sh("--root", str(tmp_path), "--offline", machine="armv6l")
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "ARMv6 (Raspberry Pi 1, Zero, Zero W) is not supported" in res.stderr
+    assert "Zero 2 W, 3, 4 or 5" in res.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing done before the refusal
+
+
+def test_install_sh_requirements_per_architecture():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    arm64 = install_sh("--print-requirements", machine="aarch64").stdout.split()
+    assert arm64 == [d.split(";")[0].strip() for d in deps]  # every marker on pyproject's list matches aarch64
+    armv7 = install_sh("--print-requirements", machine="armv7l").stdout.split()
+    names = {re.match(r"[\w.-]+", r).group(0).lower().replace("_", "-") for r in armv7}
+    assert not names & {"numpy", "opencv-python-headless", "ai-edge-litert"}  # from Debian / no armv7l wheels
+    assert "tflite-runtime>=2.14" in armv7 and any(r.startswith("cryptography") and r.endswith(",<46") for r in armv7)
+    assert names - {"tflite-runtime"} == {re.match(r"[\w.-]+", d).group(0).lower().replace("_", "-")
+                                           for d in deps} - {"numpy", "opencv-python-headless", "ai-edge-litert"}
