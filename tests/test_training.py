@@ -43,9 +43,9 @@ def _progress_line(request):
 
     def say(text: str) -> None:
         with capman.global_and_fixture_disabled():
-            reporter.write_line(text)
+            reporter.write(text, flush=True)
 
-    _progress = say if reporter is not None and capman is not None else None
+    _progress = say if reporter is not None and capman is not None and request.config.get_verbosity() >= 0 else None
     yield
     _progress = None
 
@@ -60,16 +60,17 @@ def tool(cmd: list[str], **_subprocess_options) -> subprocess.CompletedProcess:
     module, args = cmd[2], [str(a) for a in cmd[3:]]
     main = importlib.import_module(module).main
     out, err = io.StringIO(), io.StringIO()
+    if _progress is not None:  # the line starts now and ends when the command does: a long one shows as running
+        shown = " ".join(Path(a).name if "/" in a else a for a in args[:8])
+        _progress(f"\n    {module} {shown} … ")
     t0 = time.monotonic()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             rc = main(args)
         except SystemExit as e:  # argparse usage errors
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    took = time.monotonic() - t0
-    if _progress is not None and took > 2:
-        shown = " ".join(Path(a).name if "/" in a else a for a in args[:8])
-        _progress(f"    {module} {shown} … exit {rc or 0}, {took:.1f} s")
+    if _progress is not None:
+        _progress(f"exit {rc or 0}, {time.monotonic() - t0:.1f} s")
     return subprocess.CompletedProcess(cmd, int(rc or 0), out.getvalue(), err.getvalue())
 
 
