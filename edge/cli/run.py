@@ -21,7 +21,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
-
 def _source_flags(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     """--source-uri without a kind: pick opencv/images from the URI so `run --source-uri 0` just works."""
     if getattr(args, "source_uri", None) and "source.kind" not in overrides:
