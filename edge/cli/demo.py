@@ -17,7 +17,7 @@ DEMO_SETTINGS: dict[str, str] = {
     "source.kind": "demo",
     "source.realtime": "true",
     "source.loop": "false",
-    "detect.backend": "haar",
+    "detect.backend": "yunet",
     "track.min_hits": "2",
     "track.max_missed_s": "0.5",
     "track.update_interval_s": "2.0",
