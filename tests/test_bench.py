@@ -45,6 +45,10 @@ def test_report_structure_and_every_stage_timed(compare_report):
         assert rep["machine"][key], key
     assert rep["model"]["load_ms"] > 0 and rep["model"]["sha256"]
     assert rep["command"].startswith("fer-edge bench ")
+    # A fresh install benchmarks what it runs: the bundled YuNet, with no --detector-model.
+    assert rep["detector"]["backend"] == "yunet" and rep["detector"]["runs"] == "yunet"
+    assert rep["detector"]["reason"] == "bundled face_detection_yunet_2026may.onnx"
+    assert rep["detector"]["model_path"] is None
     assert "publish_event" in rep["publish_measures"]
     [sc] = rep["scenarios"]
     assert sc["status"] == "ok" and sc["faces"] == 3 and sc["resolution"] == "640x480" and sc["threads"] == 1
