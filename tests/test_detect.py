@@ -270,3 +270,22 @@ def test_doctor_says_which_detector_runs_and_warns_on_fallback(monkeypatch):
     assert "fallback from YuNet" in check.line() and "FaceDetectorYN" in check.line()
     check, det = check_detector(DetectConfig(backend="haar", max_faces=0))
     assert check.status == FAIL and det is None and "max_faces" in check.line()
+
+
+def test_daemon_with_a_broken_bundled_yunet_runs_haar_and_says_why(tmp_path, monkeypatch, caplog):
+    """The daemon's own start-up (edge.service) with the packaged model damaged: one warning, Haar, stats say why."""
+    import edge.detect
+    from edge.config import load_config
+    from edge.service import Service
+
+    monkeypatch.setattr(edge.detect, "BUNDLED_YUNET", _garbage(tmp_path / "face_detection_yunet_2026may.onnx"))
+    events: list[dict] = []
+    cfg = load_config(None, overrides={"source.kind": "demo", "source.realtime": "false", "mqtt.enabled": "false",
+                                       "service.max_frames": "40", "device.state_dir": str(tmp_path)}, env={})
+    svc = Service(cfg, env={}, event_sink=events.append)
+    with caplog.at_level(logging.WARNING, logger="edge.detect"):
+        assert svc.run() == 0
+    stats = svc.stats()
+    assert stats["detector"] == "haar" and stats["detector_reason"].startswith("fallback from YuNet: ")
+    assert len([r for r in caplog.records if r.name == "edge.detect"]) == 1
+    assert any(e["type"] == "new" for e in events)  # Haar still finds the demo's faces
