@@ -410,3 +410,37 @@ def test_run_startup_errors_exit_2_without_traceback(tmp_path):
             "--set", "mqtt.enabled=false", "--max-frames", "1")
     assert r.returncode == 2, r.stderr
     assert "yunet.onnx" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_each_command_lives_in_its_own_module():
+    """One module per command: edge/cli/<name>.py with register(subparsers) (or an edge/cmd_<name>.py not yet
+    moved in); helper modules there register nothing; and `fer-edge` still starts from edge.cli:main."""
+    import importlib
+    import pkgutil
+
+    import edge.cli
+    from edge.cli import build_parser
+
+    def subparsers(parser):
+        return next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
+
+    def handler(parser):  # a command with its own sub-commands (model keygen|sign|...) has them set func
+        nested = subparsers(parser)
+        return parser.get_default("func") or handler(next(iter(nested.choices.values())))
+
+    homes = {}
+    for name, parser in subparsers(build_parser()).choices.items():
+        module = handler(parser).__module__
+        homes[name] = module
+        assert module.startswith(("edge.cli.", "edge.cmd_")), (name, module)
+    for name in ("run", "demo", "predict", "listen", "config", "version", "snapshot", "homeassistant"):
+        assert homes[name] == f"edge.cli.{name}", (name, homes[name])
+    for info in pkgutil.iter_modules(edge.cli.__path__):
+        if info.name.startswith("_"):  # __main__: `python -m edge.cli`
+            continue
+        mod = importlib.import_module(f"edge.cli.{info.name}")
+        if info.name in ("common", "subscriber", "local_broker"):
+            assert not hasattr(mod, "register"), info.name
+        else:
+            assert callable(getattr(mod, "register", None)), f"edge/cli/{info.name}.py has no register()"
+    assert "fer-edge = \"edge.cli:main\"" in (ROOT / "pyproject.toml").read_text()
