@@ -248,15 +248,17 @@ def _readme_samples():
 
 
 def test_readme_test_command_is_what_ci_runs():
-    """The README's test command and .ci/run's are the same commands (.ci/run adds only the fresh venv)."""
+    """The README's demo and test commands are .ci/run's (which adds only the fresh venv and clone)."""
     ci = (ROOT / ".ci" / "run").read_text()
+    demo = re.search(r"^DEMO_COMMAND='(.+)'$", ci, re.M)[1]
     pip = re.search(r"^PIP_INSTALL='(.+)'$", ci, re.M)[1]
     test = re.search(r"^TEST_COMMAND='(.+)'$", ci, re.M)[1]
-    assert 'eval "$PIP_INSTALL' in ci and 'eval "$TEST_COMMAND"' in ci
+    assert 'eval "$DEMO_COMMAND"' in ci and 'eval "$PIP_INSTALL' in ci and 'eval "$TEST_COMMAND"' in ci
     assert "python3 -m venv" in ci and "git clone" in ci, ".ci/run no longer tests a fresh venv on a fresh clone"
     readme = (ROOT / "README.md").read_text()
     apt = "sudo apt-get install -y mosquitto mosquitto-clients"
     assert f"\n{apt} && {pip} && {test}\n" in readme, "README's test command differs from .ci/run's"
+    assert f"\n{demo}\n" in readme, "README's demo command differs from .ci/run's"
     for package in apt.split()[4:]:
         assert f"need+=({package})" in ci, package
 
