@@ -8,7 +8,8 @@ Two backends:
 * ``haar`` - OpenCV's frontal-face Haar cascade shipped inside opencv-python(-headless).
 
 Both detect on a copy of the frame downscaled to ``detect_width`` (detection cost grows with pixel count) and return
-boxes in source-resolution pixels, clipped to the frame, largest first.
+boxes in source-resolution pixels, clipped to the frame, largest first. YuNet's boxes are the square face frame its
+raw box implies (``yunet_square``), so ``crop_face`` cuts faces framed like the classifier's training faces.
 
 Which detector runs, and why, is ``Detector.reason``: with ``model_path`` empty the bundled YuNet is used and, if it
 cannot load (an OpenCV without FaceDetectorYN, a damaged package), the daemon logs one line and runs Haar instead

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -599,7 +600,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if gap <= max(r["settings"]["max_missed_s"] for r in results):
         log.warning("--gap-s %.1f is not longer than track.max_missed_s: tracks can bridge two scenes", gap)
     try:
-        load = [round(v, 2) for v in __import__("os").getloadavg()]
+        load = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load = None
     return {
