@@ -35,7 +35,8 @@ def model_path() -> Path:
 
 
 needs_model = pytest.mark.skipif(not model_path().is_file(),
-                                 reason=f"no emotion model at {model_path()} (build the edge/models bundle first)")
+                                 reason=f"no emotion model at {model_path()} (it ships in git: git checkout -- "
+                                        "edge/models, or set FER_EDGE_MODEL__PATH)")
 
 
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

@@ -39,7 +39,8 @@ def model_path() -> Path:
 
 
 needs_model = pytest.mark.skipif(not model_path().is_file(),
-                                 reason=f"no emotion model at {model_path()} (build the edge/models bundle first)")
+                                 reason=f"no emotion model at {model_path()} (it ships in git: git checkout -- "
+                                        "edge/models, or set FER_EDGE_MODEL__PATH)")
 
 
 def clean_env() -> dict:

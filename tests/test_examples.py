@@ -44,7 +44,8 @@ def model_path() -> Path:
 def live(tmp_path_factory):
     """A mosquitto and a daemon (device "kitchen", Home Assistant discovery on) looping the demo clip."""
     if not model_path().is_file():
-        pytest.skip(f"no emotion model at {model_path()} (build the edge/models bundle first)")
+        pytest.skip(f"no emotion model at {model_path()} (it ships in git: git checkout -- edge/models, or set "
+                    "FER_EDGE_MODEL__PATH)")
     tmp = tmp_path_factory.mktemp("examples")
     try:
         broker = Mosquitto(tmp / "mosquitto")
