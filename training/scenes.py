@@ -251,14 +251,14 @@ def render(plan: Plan, faces: list[FaceImage]):
 
 
 def write_video(path: Path, plan: Plan, faces: list[FaceImage]) -> None:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), plan.fps, (plan.width, plan.height))
-    if not writer.isOpened():
-        raise ScenesError(f"OpenCV cannot write {path} (no mp4v encoder in this OpenCV build)")
+    """Encode the plan to an mp4 with fer-edge bench's writer (mp4v, the demo clip's codec)."""
+    from edge.bench import BenchError
+    from edge.bench import write_video as encode
+
     try:
-        for img in render(plan, faces):
-            writer.write(img)
-    finally:
-        writer.release()
+        encode(path, render(plan, faces), (plan.width, plan.height), plan.fps)
+    except BenchError as e:
+        raise ScenesError(str(e)) from None
 
 
 def truth_boxes(plan: Plan, f: int, full_only: bool = False) -> list[tuple[int, int, tuple]]:
@@ -341,13 +341,11 @@ def run_daemon(video: Path, overrides: dict[str, str], state_dir: str, fps: floa
 # --- matching and metrics ----------------------------------------------------------------------------------------------
 
 def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    ix = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
-    iy = max(0.0, min(ay + ah, by + bh) - max(ay, by))
-    inter = ix * iy
-    union = aw * ah + bw * bh - inter
-    return inter / union if union > 0 else 0.0
+    """edge.track's IoU (the tracker's own measure) for (x, y, w, h) tuples."""
+    from edge.detect import Box
+    from edge.track import iou as box_iou
+
+    return box_iou(Box(*a), Box(*b))
 
 
 def _frame_of(epoch: float, fps: float) -> int:
