@@ -13,6 +13,7 @@ examples:
   fer-edge bench                                  # scenes with 0/1/3/5 faces at 640x480 and 1280x720, threads, every_n
   fer-edge bench --quick                          # one 640x480 3-face scenario, 30 frames (a smoke test)
   fer-edge bench --input demo --threads 1         # the bundled demo clip
+  fer-edge bench --quick --detector haar          # the Haar fallback instead of the bundled YuNet
   fer-edge bench --compare new.tflite --faces 3   # a new model against the bundled one, interleaved
   fer-edge bench --json -o bench.json             # machine-readable report
 """
