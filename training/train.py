@@ -119,6 +119,8 @@ def teacher_targets(paths, x: np.ndarray, temperature: float = 2.0, batch: int =
 def cached_teacher_targets(out: Path, paths, x: np.ndarray, temperature: float) -> np.ndarray:
     """``teacher_targets``, kept in the run folder so that a resumed run does not recompute them (minutes of
     teacher inference for bundles); reused only for the same teachers (path, size, mtime), temperature and faces."""
+    if not all(Path(p).is_file() for p in paths):  # teacher_targets names the missing one (DataError: exit 2)
+        return teacher_targets(paths, x, temperature)
     key = {"teachers": [[str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths],
            "temperature": temperature, "faces": int(len(x)), "checksum": int(x[:, ::7, ::7].sum(dtype=np.int64))}
     cache = out / "teacher_targets.npz"
