@@ -148,7 +148,8 @@ def demo_truth(printer: EventPrinter, frames_played: int, manifest: dict | None 
         right, total = right + len(found), total + len(truth)
         missed += [lab for lab in truth if lab not in emotions]
         verdict = "right" if len(found) == len(truth) else ("partly right" if found else "wrong")
-        lines.append(f"  face {fid:<8} label {' -> '.join(truth):<18} model {' -> '.join(emotions) or '-':<26}"
+        shown = list(dict.fromkeys(emotions))  # in the order first said; a face that wavers lists each once
+        lines.append(f"  face {fid:<8} label {' -> '.join(truth):<18} model {' -> '.join(shown) or '-':<26}"
                      f" {verdict}")
     metrics = (manifest or {}).get("metrics") or {}
     acc, recall, n = metrics.get("int8_accuracy"), metrics.get("per_class_recall") or {}, metrics.get("val_n")
@@ -156,10 +157,11 @@ def demo_truth(printer: EventPrinter, frames_played: int, manifest: dict | None 
     if isinstance(acc, (int, float)):
         faces = f"{n:,} " if isinstance(n, int) else ""
         summary += f" The model is right on {acc:.0%} of FER-2013's {faces}{metrics.get('val_split', 'test')} faces"
-        rates = [f"{recall[lab]:.0%} of the {lab}" for lab in dict.fromkeys(missed)
+        rates = [f"{recall[lab]:.0%} of {lab}" for lab in dict.fromkeys(missed)
                  if isinstance(recall.get(lab), (int, float))]
         if rates:
-            summary += " and recognises " + " and ".join(rates) + " ones"
+            listed = rates[0] if len(rates) == 1 else ", ".join(rates[:-1]) + " and " + rates[-1]
+            summary += f" and recognises {listed} faces"
         summary += " (its manifest), so some misses are expected: they are the model's accuracy, not a demo fault."
     lines.append(summary)
     return lines
