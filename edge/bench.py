@@ -48,7 +48,6 @@ from edge.classify import Classifier, ModelError, load_classifier
 from edge.detect import DetectConfig, make_detector
 from edge.events import build_event
 from edge.mqtt import MqttConfig, MqttPublisher
-from edge.preprocess import crop_face
 from edge.sources import DEMO_CLIP, SourceConfig, open_source
 from edge.track import TrackConfig, Tracker
 
@@ -583,7 +582,7 @@ def _pipeline(opts: BenchOptions, sc: Scenario, path: str, fps: float, clf: Clas
             t1 = perf()
             crops = []
             if boxes:  # as the daemon does: crop_face converts only the crop to gray
-                crops = [crop_face(image, b, size, margin) for b in boxes]
+                crops = [clf.face_input(image, b) for b in boxes]
             t2 = perf()
             batch = np.stack(crops) if crops else None  # one batched invoke per frame, as the daemon does
             t2a = perf()
@@ -641,7 +640,7 @@ def _pipeline(opts: BenchOptions, sc: Scenario, path: str, fps: float, clf: Clas
 def _classify_other(other: Classifier, image, boxes, batch) -> tuple[np.ndarray, float]:
     """The compare model on the same faces (cropped for its own input size/margin if they differ, untimed)."""
     if batch is None:
-        batch = np.stack([crop_face(image, b, other.input_size, other.margin) for b in boxes])
+        batch = np.stack([other.face_input(image, b) for b in boxes])
     t0 = time.perf_counter()
     probs = other.predict(batch)
     return probs, time.perf_counter() - t0

@@ -286,13 +286,11 @@ def check_source(source_cfg, opts: DoctorOptions, service_active: bool = False) 
 
 def check_view(image, detector, classifier) -> Check:
     """Faces and emotions in the test frame, so the aim can be judged from the doctor's output too."""
-    from edge.preprocess import crop_face
-
     boxes = detector.detect(image)
     if not boxes:
         return Check("view", OK, "no face in the test frame (fine if nobody is in view; check the aim with "
                                  "`fer-edge snapshot -o aim.jpg`)")
-    probs = classifier.predict(np.stack([crop_face(image, b, classifier.input_size, classifier.margin) for b in boxes]))
+    probs = classifier.classify_faces(image, boxes)
     faces = ", ".join(f"{b.w}x{b.h} at {b.x},{b.y} {classifier.labels[int(np.argmax(p))]} {float(np.max(p)):.0%}"
                       for b, p in zip(boxes, probs))
     return Check("view", OK, f"{len(boxes)} face{'s' if len(boxes) != 1 else ''} in the test frame: {faces}")

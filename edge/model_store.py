@@ -459,10 +459,10 @@ def load_reference_faces(path: Path = SELFTEST_PATH) -> tuple[np.ndarray, list[s
 
 def reference_inputs(clf: Classifier, faces: np.ndarray, context: float) -> np.ndarray:
     """The reference faces framed the way this model wants them (its input size and margin)."""
-    from edge.preprocess import crop_face, inner_box
+    from edge.preprocess import inner_box
 
     box = inner_box(faces.shape[1], context)  # the face box inside each stored crop
-    return np.stack([crop_face(f, box, clf.input_size, clf.margin) for f in faces])
+    return np.stack([clf.face_input(f, box) for f in faces])
 
 
 def _raw_output_finite(clf: Classifier) -> bool:

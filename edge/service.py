@@ -23,7 +23,6 @@ from edge.detect import make_detector
 from edge.discovery import HomeAssistant
 from edge.events import build_event
 from edge.mqtt import MqttPublisher
-from edge.preprocess import crop_face
 from edge.sdnotify import Notifier
 from edge.sources import open_source
 from edge.track import Tracker
@@ -293,10 +292,9 @@ class Service:
             self.latency.add("detect", t_det - t_start)
 
         crops, kept = [], []
-        size, margin = self.classifier.input_size, self.classifier.margin
         for box in boxes:
             try:
-                crops.append(crop_face(image, box, size, margin))
+                crops.append(self.classifier.face_input(image, box))
                 kept.append(box)
             except Exception as e:
                 self.error_counts["preprocess"] += 1
