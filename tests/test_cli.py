@@ -434,8 +434,10 @@ def test_each_command_lives_in_its_own_module():
         module = handler(parser).__module__
         homes[name] = module
         assert module.startswith(("edge.cli.", "edge.cmd_")), (name, module)
-    for name in ("run", "demo", "predict", "listen", "config", "version", "snapshot", "homeassistant"):
+    for name in ("run", "demo", "predict", "listen", "config", "version", "snapshot", "homeassistant", "model",
+                 "doctor"):
         assert homes[name] == f"edge.cli.{name}", (name, homes[name])
+    assert homes["install-service"] == homes["uninstall-service"] == "edge.cli.install"
     for info in pkgutil.iter_modules(edge.cli.__path__):
         if info.name.startswith("_"):  # __main__: `python -m edge.cli`
             continue

@@ -3,8 +3,9 @@
 A command module defines ``register(subparsers)``, which adds its sub-parser with
 ``set_defaults(func=handler)`` (``handler(args) -> int``); every module here that has one is picked up, so a
 new command is a new file and nothing else. Modules without ``register`` are helpers (common, subscriber,
-local_broker). Commands that still live in ``edge/cmd_<name>.py`` are picked up the same way, so moving one in
-is a ``git mv edge/cmd_<name>.py edge/cli/<name>.py``.
+local_broker). A command's work that is not argument handling lives in a helper module named for it outside
+this package (edge/doctor.py, edge/install.py, edge/bench.py). ``bench`` still lives in ``edge/cmd_bench.py``
+and is picked up the same way until it is moved in (``git mv edge/cmd_bench.py edge/cli/bench.py``).
 
 Every user error ends in one clear line on stderr and exit status 2 (1 for runtime failures such as an
 unreachable broker or unreadable images); never a traceback.
