@@ -160,13 +160,14 @@ def check_cpu(temp_path: str, opts: DoctorOptions, run: Runner = run_command) ->
 
 # --- model, detector, source -----------------------------------------------------------------------
 
-def check_model(model_cfg, state_dir: str = "") -> tuple[Check, object]:
-    """Load the model the daemon would start with (an installed update, else model.path, else the bundled
-    one) and run a self-test prediction; returns (check, classifier or None)."""
+def check_model(model_cfg, state_dir: str = "", update=None) -> tuple[Check, object]:
+    """Load the model the daemon would start with (an installed update whose bundle is signed by a key of
+    ``update.public_keys``, else model.path, else the bundled one) and run a self-test prediction; returns
+    (check, classifier or None)."""
     from edge.classify import ModelError, load_classifier
     from edge.model_store import current_model_path
 
-    path = current_model_path(state_dir, model_cfg.path) if state_dir else (model_cfg.path or None)
+    path = current_model_path(state_dir, model_cfg.path, update) if state_dir else (model_cfg.path or None)
     where = path or "bundled model"
     try:
         clf = load_classifier(path, threads=model_cfg.threads)
@@ -477,7 +478,7 @@ def run_doctor(cfg, opts: Optional[DoctorOptions] = None, out: Optional[TextIO] 
     emit(check_clock(run=run))
     emit(check_disk(cfg.device.state_dir, opts))
     emit(check_cpu(cfg.service.cpu_temp_path, opts, run))
-    model_check, classifier = check_model(cfg.model, cfg.device.state_dir)
+    model_check, classifier = check_model(cfg.model, cfg.device.state_dir, cfg.update)
     emit(model_check)
     det_check, detector = check_detector(cfg.detect)
     emit(det_check)

@@ -417,7 +417,9 @@ def current_model_path(state_dir: str | Path, configured: str = "", update=None)
     (= the bundled model). For one-off commands (predict, snapshot, doctor, bench) on an updated device.
 
     The active model is checked like the daemon checks it at start (:func:`verify_installed`) with the
-    keys of ``update`` (an UpdateConfig); without one, only its bundle's presence and contents are checked.
+    keys, ``allow_unsigned`` and bundle size bound of ``update`` (the config's UpdateConfig: every command
+    passes it, so a model signed by a key no longer trusted is not used); without one, only its bundle's
+    presence and contents are checked.
     """
     store = ModelStore(Path(state_dir).expanduser() / "models")
     try:
@@ -434,7 +436,8 @@ def current_model_path(state_dir: str | Path, configured: str = "", update=None)
                     keys = load_public_keys(update.public_keys)
                 except BundleError as e:
                     raise StoreError(f"update.public_keys: {e}") from None
-                verify_installed(store, ptr.active, keys, allow_unsigned=update.allow_unsigned)
+                verify_installed(store, ptr.active, keys, allow_unsigned=update.allow_unsigned,
+                                 max_bytes=update.max_bytes)
             else:
                 verify_installed(store, ptr.active, {}, check_signature=False)
             return str(store.model_path(ptr.active))

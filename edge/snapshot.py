@@ -143,7 +143,8 @@ def take_snapshot(cfg, out: str, warmup_s: float = 2.0, timeout_s: float = 10.0,
         raise SnapshotError(f"{out}: unsupported extension; use .jpg or .png")
     from edge.model_store import current_model_path
 
-    clf = load_classifier(current_model_path(cfg.device.state_dir, cfg.model.path), threads=cfg.model.threads)
+    clf = load_classifier(current_model_path(cfg.device.state_dir, cfg.model.path, cfg.update),
+                          threads=cfg.model.threads)
     detector = make_detector(cfg.detect)
     source_name = "image"
     if image is None:

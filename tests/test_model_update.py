@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -357,6 +358,133 @@ def test_fetch_limits(http, tmp_path):
     assert time.monotonic() - t0 < 5
     with pytest.raises(Refused, match="failed"):
         fetch("http://127.0.0.1:1/x", tmp_path / "f", max_bytes=100, timeout_s=2)
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """A forward proxy that sends every host to the test's servers: ``GET http://host/path`` is fetched from
+    server.upstream, ``CONNECT host:port`` is tunnelled to server.tls_upstream (after server.hang, if set);
+    server.seen records each request line and its Proxy-Authorization."""
+
+    def do_GET(self):
+        import http.client
+
+        self.server.seen.append(("GET", self.path, self.headers.get("Proxy-Authorization")))
+        conn = http.client.HTTPConnection(*self.server.upstream, timeout=10)
+        conn.request("GET", urllib.parse.urlsplit(self.path).path)
+        resp = conn.getresponse()
+        body = resp.read()
+        self.send_response(resp.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_CONNECT(self):
+        import selectors
+        import socket
+
+        self.server.seen.append(("CONNECT", self.path, self.headers.get("Proxy-Authorization")))
+        if self.server.hang is not None:
+            self.server.hang.wait(30)
+            return
+        up = socket.create_connection(self.server.tls_upstream, timeout=10)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        sel = selectors.DefaultSelector()
+        sel.register(self.connection, selectors.EVENT_READ, up)
+        sel.register(up, selectors.EVENT_READ, self.connection)
+        try:
+            while True:
+                for key, _ in sel.select(10):
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            pass
+        finally:
+            up.close()
+            self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def _tls_server(tmp_path: Path, host: str, files: dict):
+    """An https server for ``host`` (a self-signed certificate, written to tmp_path/ca.pem) serving ``files``."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "ca.pem", tmp_path / "key.pem")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    server.daemon_threads = True
+    server.files, server.hold, server.lengths = files, {}, {}
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_fetch_goes_through_the_environments_proxy(http, tmp_path, monkeypatch):
+    """Downloads use http_proxy / https_proxy (with credentials in the URL) unless no_proxy names the host,
+    as urllib does; https goes through a CONNECT tunnel with the certificate checked against the real
+    host; the total deadline still holds when the proxy stalls."""
+    http.files["/m.bundle"] = b"b" * 3000
+    tls = _tls_server(tmp_path, "updates.invalid", http.files)
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    proxy.daemon_threads = True
+    proxy.seen, proxy.hang = [], None
+    proxy.upstream, proxy.tls_upstream = http.server_address, tls.server_address
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                     "NO_PROXY", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        port = proxy.server_address[1]
+        monkeypatch.setenv("http_proxy", f"http://op:p%40ss@127.0.0.1:{port}")
+        monkeypatch.setenv("https_proxy", f"127.0.0.1:{port}")  # no scheme: http:// as urllib assumes
+        # updates.invalid does not resolve: only the proxy can reach it.
+        assert fetch("http://updates.invalid/m.bundle", tmp_path / "a", max_bytes=5000, timeout_s=5) == b"b" * 3000
+        auth = "Basic " + base64.b64encode(b"op:p@ss").decode()
+        assert proxy.seen == [("GET", "http://updates.invalid/m.bundle", auth)]
+        assert fetch("https://updates.invalid/m.bundle", tmp_path / "b", max_bytes=5000, timeout_s=5,
+                     ca_file=str(tmp_path / "ca.pem")) == b"b" * 3000
+        assert proxy.seen[1] == ("CONNECT", "updates.invalid:443", None)
+        monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+        assert fetch(f"{http.url}/m.bundle", tmp_path / "c", max_bytes=5000, timeout_s=5) == b"b" * 3000
+        assert len(proxy.seen) == 2  # fetched directly
+        proxy.hang = threading.Event()
+        t0 = time.monotonic()
+        with pytest.raises(Refused, match="took longer than 1.5 s"):
+            fetch("https://updates.invalid/m.bundle", tmp_path / "d", max_bytes=5000, timeout_s=1.5,
+                  ca_file=str(tmp_path / "ca.pem"))
+        assert time.monotonic() - t0 < 4
+        monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1080")
+        with pytest.raises(Refused, match="https_proxy.*socks5"):
+            fetch("https://updates.invalid/m.bundle", tmp_path / "e", max_bytes=5000, timeout_s=5)
+    finally:
+        if proxy.hang is not None:
+            proxy.hang.set()
+        for server in (proxy, tls):
+            server.shutdown()
+            server.server_close()
 
 
 # --- start-up with a store ------------------------------------------------------------------------------
@@ -957,6 +1085,39 @@ def test_one_off_commands_use_the_installed_model(tmp_path, keys):
     assert current_model_path(state, "") is None  # a corrupt pointer falls back, like the daemon
 
 
+def test_one_off_commands_check_the_installed_models_signature(tmp_path, keys, capsys):
+    """predict, snapshot and doctor use an installed model only if its bundle is signed by a key of the
+    config's update.public_keys, like `run`: one signed by a key no longer (or never) trusted is not used."""
+    import cv2
+    import numpy as np
+
+    from edge.cli import main
+    from edge.doctor import check_model
+    from edge.snapshot import take_snapshot
+
+    state = tmp_path / "state"
+    install_into(ModelStore(state / "models"), GOOD_A, "9.9.9", keys["other"]["key"])
+    face = tmp_path / "face.png"
+    assert cv2.imwrite(str(face), np.full((48, 48, 3), 120, np.uint8))
+
+    def used(trusted: str) -> set[str]:
+        conf = tmp_path / f"{trusted}.toml"
+        conf.write_text(f'[device]\nid = "t-one-off"\nstate_dir = "{state}"\n[mqtt]\nenabled = false\n'
+                        f'[update]\npublic_keys = ["{keys[trusted]["pub"]}"]\n')
+        cfg = load_config(conf, {}, env={})
+        assert main(["predict", "--json", "-c", str(conf), str(face)]) == 0
+        seen = {json.loads(capsys.readouterr().out)["model"]["version"]}
+        seen.add(take_snapshot(cfg, str(tmp_path / "snap.png"), image=np.full((240, 320, 3), 90, np.uint8))
+                 ["model"]["version"])
+        check, clf = check_model(cfg.model, cfg.device.state_dir, cfg.update)
+        assert clf is not None, check.line()
+        seen.add(clf.version)
+        return seen
+
+    assert used("other") == {"9.9.9"}
+    assert used("op") == {load_classifier(None).version}  # the bundled model, not the untrusted one
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("update.public_keys", "notakey", "update.public_keys: public key 'notakey': neither a base64"),
     ("update.public_keys", "/nonexistent/op.pub", "update.public_keys: .*op.pub"),
@@ -991,3 +1152,24 @@ def test_config_does_not_import_the_update_machinery():
                         "if m in ('edge.updates', 'edge.model_store', 'edge.service')))"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_readme_update_examples_match_the_shipped_model():
+    """The "Updating the model" examples name bundles a device with the shipped model accepts without --force
+    (they once showed 1.2.0 bundles, below the shipped 1.3.1, which devices refuse), and quote the shipped
+    model's own self-test line."""
+    import re
+
+    from edge.model_store import describe_self_test
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Updating the model\n", 1)[1].split("\n## ", 1)[0]
+    shipped = load_classifier(None)
+    named = re.findall(r"fer_emotion-(\d[\w.+-]*?)\.bundle", section)
+    named += re.findall(r'"version": "([^"]+)",\s*"force"', section)  # the signed install body
+    assert len(named) >= 5, named
+    for version in named:
+        assert compare_versions(version, shipped.version) > 0, f"README pushes {version}, not newer than {shipped.version}"
+    assert f"({shipped.version} is the model shipped with fer-edge)" in section
+    line = describe_self_test(self_test(shipped))
+    assert section.count(line) >= 2, line  # the sign step and the status example

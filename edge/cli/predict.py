@@ -43,7 +43,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from edge.model_store import current_model_path
 
     annotate_dir = _annotate_target(args.annotate, len(args.images)) if args.annotate else None
-    model = args.model or current_model_path(cfg.device.state_dir, cfg.model.path)
+    model = args.model or current_model_path(cfg.device.state_dir, cfg.model.path, cfg.update)
     clf = load_classifier(model, threads=cfg.model.threads)
     detector = make_detector(cfg.detect)
     if annotate_dir is not None and not annotate_dir.is_dir():
