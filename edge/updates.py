@@ -197,13 +197,50 @@ def _parse_signed(cmd: dict, public_keys: dict[str, bytes], origin: str) -> Requ
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
+def _connection(parts: urllib.parse.SplitResult, per_op: float, ctx: ssl.SSLContext
+                ) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+    """The connection for one request to ``parts``, the request target and extra headers: direct, or through
+    the proxy the environment names (http_proxy / https_proxy, skipped for no_proxy hosts), as urlopen does.
+
+    https goes through a CONNECT tunnel, so TLS and its certificate check are end to end with the real host;
+    plain http sends the absolute URL to the proxy. Credentials in the proxy URL become Proxy-Authorization.
+    """
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname):
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=per_op, context=ctx), path, {}
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=per_op), path, {}
+    via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        via_port = via.port
+    except ValueError:
+        via_port = -1
+    if via.scheme not in ("http", "https") or not via.hostname or via_port == -1:
+        shown = via._replace(netloc=via.netloc.rpartition("@")[2]).geturl()  # never log its password
+        raise Refused(f"{parts.scheme}_proxy {shown}: only http:// proxies are supported (host:port)")
+    auth = {}
+    if via.username is not None:
+        pair = f"{urllib.parse.unquote(via.username)}:{urllib.parse.unquote(via.password or '')}"
+        auth = {"Proxy-Authorization": "Basic " + base64.b64encode(pair.encode()).decode("ascii")}
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(via.hostname, via_port, timeout=per_op, context=ctx)
+        conn.set_tunnel(parts.hostname, parts.port or 443, headers=auth)
+        return conn, path, {}
+    # An https:// proxy for http targets is spoken to over TLS, as urlopen does.
+    cls = http.client.HTTPSConnection if via.scheme == "https" else http.client.HTTPConnection
+    conn = cls(via.hostname, via_port, timeout=per_op, **({"context": ctx} if via.scheme == "https" else {}))
+    return conn, parts._replace(fragment="").geturl(), auth
+
+
 def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, ca_file: str = "",
           cancel: threading.Event | None = None) -> bytes:
     """Download ``url`` into ``dest`` within ``timeout_s`` in total and ``max_bytes``; returns the bytes.
 
     The deadline covers everything (connect, headers, redirects, body): a watchdog shuts the socket down
     when it passes or when ``cancel`` is set, so a server dripping a byte at a time cannot hold the
-    worker. Refused (Cancelled for ``cancel``) on any failure.
+    worker. Proxies come from the environment as for urlopen (see :func:`_connection`). Refused (Cancelled
+    for ``cancel``) on any failure.
     """
     deadline = time.monotonic() + timeout_s
     where = urllib.parse.urlsplit(url)._replace(query="", fragment="").geturl()
@@ -242,14 +279,11 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, ca_file: st
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise Refused(f"download {where}: redirected to a non-http(s) URL")
             per_op = max(0.1, min(15.0, deadline - time.monotonic()))
-            if parts.scheme == "https":
-                conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=per_op, context=ctx)
-            else:
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=per_op)
+            conn, target, extra = _connection(parts, per_op, ctx)
             live[:] = [conn]
             try:
-                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                conn.request("GET", path, headers={"User-Agent": "fer-edge model update", "Connection": "close"})
+                conn.request("GET", target, headers={"User-Agent": "fer-edge model update", "Connection": "close",
+                                                     **extra})
                 resp = conn.getresponse()
                 if resp.status in _REDIRECTS and resp.getheader("Location"):
                     url = urllib.parse.urljoin(url, resp.getheader("Location"))

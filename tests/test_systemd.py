@@ -81,6 +81,13 @@ def test_unit_settings():
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert s["WatchdogSec"].rstrip("s").isdigit() and 5 <= int(s["WatchdogSec"].rstrip("s")) <= 120
     assert s["Restart"] == "on-failure" and s["RestartSec"]
+    # 2 (config/model error) is not restarted; 3 (events lost, edge.service) stays a failure that is restarted.
+    from edge.cli.common import EXIT_USAGE
+    from edge.service import EXIT_EVENTS_LOST
+
+    assert s["RestartPreventExitStatus"].split() == [str(EXIT_USAGE)]
+    assert str(EXIT_EVENTS_LOST) not in s.get("SuccessExitStatus", "").split()
+    assert f"or {EXIT_EVENTS_LOST} if events were lost" in UNIT.read_text()
     assert s["ExecStart"] == f"{EXEC} run -c /etc/fer-edge/config.toml"
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     stop = int(s["TimeoutStopSec"].rstrip("s"))
