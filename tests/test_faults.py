@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from broker import Subscriber
-from test_daemon import ROOT, Daemon, check_lifecycles, daemons, need_model, run_args  # noqa: F401 (fixtures)
+from test_daemon import (ROOT, Daemon, check_event, check_lifecycles, daemons, need_model, run_args,  # noqa: F401
+                         validator)  # (fixtures)
 
 LOST_LINE = re.compile(r"(\d+) events lost")
 
@@ -52,8 +53,9 @@ def save_broker_db(broker) -> None:
         broker.log_tail()
 
 
-def test_broker_sigkill_outage_exact_count(make_broker, tmp_path, daemons):
-    """SIGKILL (no clean shutdown, no last save) for 3 s mid-run: 0 lost, 0 duplicates, in order."""
+def test_broker_sigkill_outage_exact_count(make_broker, tmp_path, validator, daemons):
+    """SIGKILL (no clean shutdown, no last save) for 5 s mid-run, so the daemon retries several times at its
+    maximum backoff (1 s here): 0 lost, 0 duplicates, in order, every event valid against the schema."""
     # The subscriber's session (its subscription) must survive the kill, so the broker queues for it whatever the
     # daemon delivers before the subscriber is back. It is saved once, before any event: with periodic autosaves
     # a save can catch an event on its way to the subscriber, and the restarted broker sends that one again
@@ -70,7 +72,7 @@ def test_broker_sigkill_outage_exact_count(make_broker, tmp_path, daemons):
         time.sleep(1.0)
         broker.kill()
         down_at = time.time()
-        time.sleep(3)
+        time.sleep(5)
         up_at = time.time()
         broker.start()
         assert d.wait(40) == 0, d.log()[-3000:]
@@ -78,10 +80,12 @@ def test_broker_sigkill_outage_exact_count(make_broker, tmp_path, daemons):
         assert sub.wait_for(lambda ms: len(ms) >= len(produced), timeout=20), (len(produced), len(sub.messages))
         time.sleep(0.5)  # a duplicate would arrive right behind
         got = received_ids(sub, topic)
+        for m in sub.on_topic(topic):
+            check_event(json.loads(m.payload), validator)
     finally:
         sub.stop()
     during = [p for p in produced if down_at < p[2] < up_at]
-    assert len(during) >= 2, f"too few events while the broker was dead to mean anything: {during}"
+    assert len(during) >= 3, f"too few events while the broker was dead to mean anything: {during}"
     lost = [p for p in produced if p not in set(got)]
     dups = len(got) - len(set(got))
     assert (lost, dups) == ([], 0), f"lost {lost}, {dups} duplicates: received {got}, killed at {down_at}\n{broker.log_tail(6000)}"
@@ -89,6 +93,7 @@ def test_broker_sigkill_outage_exact_count(make_broker, tmp_path, daemons):
     check_lifecycles([(t, f) for t, f, _ in produced])
     final = d.final_stats()
     assert final["mqtt"]["reconnects"] >= 1 and final["mqtt"]["dropped"] == 0 and final["mqtt"]["buffered"] == 0
+    assert final["events"]["produced"] == len(produced)
 
 
 def test_sigterm_with_the_broker_down_exits_non_zero_and_logs_the_lost_count(broker, tmp_path, daemons):

@@ -881,9 +881,11 @@ reconnect_max_s = 1.0
         st = dev.answer(rid, n)
         assert st["result"] == "refused" and match in st["error"] and ".tmp-" not in st["error"], st
         assert st["sha256"] == BASE_SHA and st["state"] in ("idle", "updating")
-        dev.still_serving(BASE_SHA, count=1)
         return st
 
+    # Every event from here to the end of the refusals comes from the base model (checked once after them:
+    # a model swapped in by any refusal would show in the events that follow it).
+    events_before_refusals = len(dev.events())
     # 1. malformed JSON (its id is still found and echoed)
     refused(b'{"id": "bad-json", "action": "install", "bundle": ', "bad-json", "malformed command: not JSON")
     # 2. wrong signature: a signature byte flipped
@@ -928,6 +930,7 @@ reconnect_max_s = 1.0
     # ... on the group topic the device is not in: nothing happens.
     dev.send(install_cmd("not-my-group", full, group="lobby"), "fer-edge/group/lobby/cmd/model")
     dev.still_serving(BASE_SHA)
+    assert {e["model"]["sha256"] for e in dev.events()[events_before_refusals:]} == {BASE_SHA}
     assert not [m for m in dev.sub.on_topic(dev.status_topic) if b"not-my-group" in m.payload]
     assert not [p for p in models.iterdir() if p.name.startswith(".tmp-")], "refused installs leave nothing"
 
