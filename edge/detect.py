@@ -30,6 +30,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from edge.detect_fine import FineSearch
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("yunet", "haar")
@@ -37,6 +39,7 @@ HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
 BUNDLED_YUNET = Path(__file__).resolve().parent / "models" / YUNET_FILE
 YUNET_MAX_BYTES = 64 * 2**20  # YuNet is ~230 KB; a huge file is a wrong path, not a face detector
+YUNET_MAX_NETS = 4  # input sizes kept loaded: coarse frame, sweep tile, re-detection window, one spare
 
 
 class DetectorError(Exception):
@@ -54,6 +57,11 @@ class DetectConfig:
     max_faces: int = 5  # keep at most this many faces per frame (largest first)
     score_threshold: float = 0.6  # YuNet confidence threshold
     every_n: int = 1  # run the detector every N frames; the service tracks boxes in between
+    # YuNet's fine search (edge.detect_fine): scale of its sweep tiles and re-detection windows relative to the
+    # source frame (1 = full resolution; 0 = off, the coarse detect_width pass only) and the side of the one sweep
+    # tile searched per frame, in detector input pixels (0 = no sweep, re-detect known faces only).
+    fine_scale: float = 1.0
+    fine_tile: int = 256
 
     def validate(self) -> None:
         """Raise ValueError("<field>: ...") for values the daemon would refuse, including an unusable model_path."""
@@ -69,6 +77,11 @@ class DetectConfig:
             raise ValueError(f"score_threshold: {self.score_threshold} must be between 0 and 1 (exclusive)")
         if not 1 <= self.every_n <= 1000:
             raise ValueError(f"every_n: {self.every_n} must be 1..1000 (1 = detect on every frame)")
+        if self.fine_scale != 0 and not 0.25 <= self.fine_scale <= 4.0:
+            raise ValueError(f"fine_scale: {self.fine_scale} out of range; use 0 (off) or 0.25..4 (1 = full "
+                             "resolution)")
+        if self.fine_tile != 0 and not 64 <= self.fine_tile <= 2048:
+            raise ValueError(f"fine_tile: {self.fine_tile} out of range; use 0 (no sweep) or 64..2048 pixels")
         if self.backend == "yunet" and self.model_path:
             try:
                 probe_yunet(self.model_path)
@@ -118,26 +131,61 @@ class Detector:
             image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR)
         elif image_bgr.shape[2] == 4:
             image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_BGRA2BGR)
-        h, w = image_bgr.shape[:2]
         small, scale = self._downscale(image_bgr)
+        boxes = self._to_source(self._detect_small(small, scale), scale, (0, 0), image_bgr.shape)
+        boxes = self._refine(image_bgr, boxes)
+        # crop_face squares the box on its longer side, so that side is the resolution the classifier gets
+        # (YuNet's boxes are ~0.8 as wide as tall: the shorter side would drop faces that crop well).
+        boxes = [b for b in boxes if max(b.w, b.h) >= self.cfg.min_face]
+        boxes.sort(key=lambda b: b.area, reverse=True)
+        boxes = boxes[: self.cfg.max_faces]
+        self._found(boxes)
+        return boxes
+
+    def _to_source(self, found, scale: float, origin: tuple[int, int], shape) -> list[Box]:
+        """Backend results in a region's resized pixels -> Boxes in source pixels, clipped to the frame."""
+        h, w = shape[:2]
+        ox, oy = origin
         boxes = []
-        for x, y, bw, bh, score, marks in self._detect_small(small, scale):
+        for x, y, bw, bh, score, marks in found:
             # Map back with floor/ceil so the box never shrinks below what was detected.
-            x0 = max(0, int(np.floor(x / scale)))
-            y0 = max(0, int(np.floor(y / scale)))
-            x1 = min(w, int(np.ceil((x + bw) / scale)))
-            y1 = min(h, int(np.ceil((y + bh) / scale)))
-            bw_src, bh_src = x1 - x0, y1 - y0
-            # crop_face squares the box on its longer side, so that side is the resolution the classifier gets
-            # (YuNet's boxes are ~0.8 as wide as tall: the shorter side would drop faces that crop well).
-            if bw_src < 1 or bh_src < 1 or max(bw_src, bh_src) < self.cfg.min_face:
+            x0 = max(0, ox + int(np.floor(x / scale)))
+            y0 = max(0, oy + int(np.floor(y / scale)))
+            x1 = min(w, ox + int(np.ceil((x + bw) / scale)))
+            y1 = min(h, oy + int(np.ceil((y + bh) / scale)))
+            if x1 - x0 < 1 or y1 - y0 < 1:
                 continue
             lm = None
             if marks is not None:
-                lm = tuple((float(marks[2 * k]) / scale, float(marks[2 * k + 1]) / scale) for k in range(5))
-            boxes.append(Box(x0, y0, bw_src, bh_src, float(score), lm))
-        boxes.sort(key=lambda b: b.area, reverse=True)
-        return boxes[: self.cfg.max_faces]
+                lm = tuple((ox + float(marks[2 * k]) / scale, oy + float(marks[2 * k + 1]) / scale)
+                           for k in range(5))
+            boxes.append(Box(x0, y0, x1 - x0, y1 - y0, float(score), lm))
+        return boxes
+
+    def _detect_region(self, image: np.ndarray, rect: tuple[int, int, int, int], scale: float,
+                       pad_to: int = 0) -> list[Box]:
+        """Run the backend on source rectangle ``rect`` (x0, y0, x1, y1) resized by ``scale`` (and padded with gray
+        to a ``pad_to`` square, so every call has the same input size); source-pixel Boxes."""
+        x0, y0, x1, y1 = rect
+        region = image[y0:y1, x0:x1]
+        if scale != 1.0:
+            size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+            region = cv2.resize(region, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        if pad_to:
+            canvas = np.full((pad_to, pad_to, 3), 128, np.uint8)
+            rh, rw = min(pad_to, region.shape[0]), min(pad_to, region.shape[1])
+            canvas[:rh, :rw] = region[:rh, :rw]
+            region = canvas
+        else:
+            region = np.ascontiguousarray(region)
+        return self._to_source(self._detect_small(region, scale), scale, (x0, y0), image.shape)
+
+    def _refine(self, image: np.ndarray, boxes: list[Box]) -> list[Box]:
+        """Hook for a backend's extra passes over the frame (YuNet's fine search); the coarse boxes by default."""
+        return boxes
+
+    def _found(self, boxes: list[Box]) -> None:
+        """Hook: the boxes this frame returned."""
 
     def _downscale(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         h, w = image.shape[:2]
@@ -245,18 +293,36 @@ class YuNetDetector(Detector):
     def __init__(self, cfg: DetectConfig, top_k: int = 50, path: Path | str | None = None):
         super().__init__(cfg)
         path = Path(path or cfg.model_path or BUNDLED_YUNET).expanduser()
-        self._size = (320, 320)
         hint = BUNDLED_HINT if path == BUNDLED_YUNET and not cfg.model_path else YUNET_HINT
-        self._net = _create_yunet(path, self._size, cfg.score_threshold, top_k, hint)
+        self._path, self._top_k = path, top_k
+        # One net per input size: the coarse frame, the sweep tile and the re-detection window each keep theirs,
+        # because setInputSize on every call re-plans the network and costs about as much as a small detection.
+        self._nets = {(320, 320): _create_yunet(path, (320, 320), cfg.score_threshold, top_k, hint)}
         self.model_path = str(path)
         self.reason = ("bundled " + YUNET_FILE) if path == BUNDLED_YUNET else f"detect.model_path = {path}"
+        self.fine = (FineSearch(cfg.fine_scale, cfg.fine_tile, cfg.max_faces, self._detect_region)
+                     if cfg.fine_scale > 0 else None)
+
+    def _refine(self, image: np.ndarray, boxes: list[Box]) -> list[Box]:
+        return self.fine.search(image, boxes) if self.fine is not None else boxes
+
+    def _found(self, boxes: list[Box]) -> None:
+        if self.fine is not None:
+            self.fine.remember(boxes)
+
+    def _net_for(self, size: tuple[int, int]):
+        net = self._nets.get(size)
+        if net is None:
+            if len(self._nets) >= YUNET_MAX_NETS:  # sizes keep changing (a resizing source): reuse the oldest
+                net = self._nets.pop(next(iter(self._nets)))
+                net.setInputSize(size)
+            else:
+                net = cv2.FaceDetectorYN.create(str(self._path), "", size, self.cfg.score_threshold, 0.3, self._top_k)
+            self._nets[size] = net
+        return net
 
     def _detect_small(self, small: np.ndarray, scale: float):
-        size = (small.shape[1], small.shape[0])
-        if size != self._size:
-            self._net.setInputSize(size)
-            self._size = size
-        _, faces = self._net.detect(small)
+        _, faces = self._net_for((small.shape[1], small.shape[0])).detect(small)
         if faces is None:
             return []
         return [(*yunet_square(float(f[0]), float(f[1]), float(f[2]), float(f[3])), float(f[14]), f[4:14])

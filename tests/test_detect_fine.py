@@ -1,0 +1,113 @@
+"""YuNet's fine search (edge.detect_fine): the sweep's tiles cover the frame, small faces the coarse pass misses
+are found within one sweep and then on every frame, and passes are merged into one box per face.
+
+Needs nothing beside the checkout: the faces are the demo clip's real FER-2013 faces (edge.bench.demo_faces) and
+the detector is the bundled YuNet.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.bench import demo_faces
+from edge.detect import Box, DetectConfig, make_detector
+from edge.detect_fine import MERGE_IOU, TILE_OVERLAP, FineSearch, iou, merge, tiles
+
+
+@pytest.mark.parametrize("width,height,side", [(640, 480, 256), (640, 480, 170.7), (1280, 720, 256),
+                                               (320, 240, 256), (100, 900, 64)])
+def test_tiles_cover_the_frame_and_hold_every_face_up_to_the_overlap_whole(width, height, side):
+    grid = tiles(width, height, side)
+    covered = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in grid:
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert x1 - x0 <= round(side) and y1 - y0 <= round(side)
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    face = int(min(side, width, height) * TILE_OVERLAP)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # any face of that size lies whole inside one tile
+        x, y = int(rng.integers(0, width - face + 1)), int(rng.integers(0, height - face + 1))
+        assert any(x0 <= x and x + face <= x1 and y0 <= y and y + face <= y1 for x0, y0, x1, y1 in grid), (x, y)
+
+
+def test_merge_keeps_the_best_box_of_each_face():
+    a, a2 = Box(100, 100, 60, 60, 0.9), Box(104, 98, 58, 62, 0.95)
+    b = Box(300, 100, 60, 60, 0.7)
+    assert iou(a, a2) >= MERGE_IOU
+    assert merge([a, b, a2]) == [a2, b]
+    assert merge([]) == []
+
+
+@pytest.fixture(scope="module")
+def small_face_frame():
+    """A 640x480 frame with one real 56 px FER face, where the coarse pass at width 320 does not find it."""
+    faces = demo_faces()
+    rng = np.random.default_rng(1)
+    bg = cv2.GaussianBlur(rng.integers(60, 200, (480, 640, 3), dtype=np.uint8), (0, 0), 6)
+    for face in faces:
+        img = bg.copy()
+        x, y, s = 430, 300, 56
+        img[y:y + s, x:x + s] = cv2.resize(face, (s, s), interpolation=cv2.INTER_CUBIC)[..., None]
+        coarse = make_detector(DetectConfig(fine_scale=0)).detect(img)
+        full = make_detector(DetectConfig(fine_scale=0, detect_width=0)).detect(img)
+        truth = Box(x, y, s, s)
+        if not any(iou(b, truth) > 0.3 for b in coarse) and any(iou(b, truth) > 0.3 for b in full):
+            return img, truth
+    pytest.skip("no demo face is missed at width 320 and found at full resolution on this OpenCV")
+
+
+def test_fine_search_finds_a_small_face_within_one_sweep_and_then_on_every_frame(small_face_frame):
+    img, truth = small_face_frame
+    det = make_detector(DetectConfig())  # the defaults: coarse width 320 plus the fine search
+    assert det.fine is not None
+    n_tiles = len(det.fine.tiles_for(640, 480))
+    assert n_tiles > 1
+    hits = [any(iou(b, truth) > 0.3 for b in det.detect(img)) for _ in range(2 * n_tiles)]
+    first = hits.index(True)  # found when the sweep reaches its tile
+    assert first < n_tiles, hits
+    assert all(hits[first:]), hits  # then re-detected around its last box on every frame
+    calls = det.fine.calls
+    det.detect(img)
+    assert det.fine.calls == calls + 2  # one sweep tile and one re-detection window a frame: a bounded cost
+
+
+def test_fine_search_off_is_the_coarse_pass_alone(small_face_frame):
+    img, truth = small_face_frame
+    det = make_detector(DetectConfig(fine_scale=0))
+    assert det.fine is None
+    assert not any(any(iou(b, truth) > 0.3 for b in det.detect(img)) for _ in range(30))
+
+
+def test_a_face_both_passes_find_is_one_box():
+    faces = demo_faces()
+    img = np.full((480, 640, 3), 128, np.uint8)
+    img[40:240, 40:240] = cv2.resize(faces[0], (200, 200), interpolation=cv2.INTER_CUBIC)[..., None]
+    det = make_detector(DetectConfig())
+    for _ in range(2 * len(det.fine.tiles_for(640, 480))):  # every tile, some of which hold the face
+        boxes = det.detect(img)
+        assert len(boxes) == 1, boxes
+
+
+def test_a_face_that_leaves_stops_costing_re_detections():
+    faces = demo_faces()
+    img = np.full((480, 640, 3), 128, np.uint8)
+    img[100:260, 100:260] = cv2.resize(faces[0], (160, 160), interpolation=cv2.INTER_CUBIC)[..., None]
+    fine = FineSearch(1.0, 0, 5, lambda image, rect, scale, pad_to=0: [])  # no sweep, a detector that finds nothing
+    fine.remember([Box(100, 100, 160, 160)])
+    calls = []
+    for _ in range(5):
+        before = fine.calls
+        fine.remember(fine.search(img, []))
+        calls.append(fine.calls - before)
+    assert calls == [1, 1, 1, 0, 0]  # the frame after it left, then ROI_HOLD more, then nothing
+
+
+@pytest.mark.parametrize("field,value", [("fine_scale", 0.2), ("fine_scale", 4.5), ("fine_scale", -1.0),
+                                         ("fine_tile", 63), ("fine_tile", 2049), ("fine_tile", -1)])
+def test_fine_settings_are_bounded(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        DetectConfig(**{field: value}).validate()
+    DetectConfig(fine_scale=0, fine_tile=0).validate()  # both off is allowed
