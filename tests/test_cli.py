@@ -49,6 +49,33 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("FER_EDGE_") or k == "FER_EDGE_MODEL__PATH"}
 
 
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """``fer-edge ARGS`` run in this process through edge.cli.main (about 1 s less than :func:`cli`, which
+    stays for what only a process shows: native stderr noise, signals, exit at a broken pipe), with the same
+    environment and the root logger put back afterwards. An exception escaping main() fails the test."""
+    import contextlib
+    import io
+    import logging
+
+    from edge.cli import main
+
+    saved_env, root = dict(os.environ), logging.getLogger()
+    saved_log = (list(root.handlers), root.level)
+    os.environ.clear()
+    os.environ.update(clean_env())
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        root.handlers[:] = saved_log[0]
+        root.setLevel(saved_log[1])
+    assert "internal error" not in err.getvalue(), err.getvalue()
+    return subprocess.CompletedProcess(["fer-edge", *args], rc, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def faces_image(tmp_path_factory) -> tuple[Path, list[tuple[int, int, int]]]:
     """Two real FER-2013 test faces upscaled to 160 px on a plain background: (path, [(x, y, side)])."""
@@ -111,15 +138,15 @@ def test_predict_finds_both_faces_and_annotates(faces_image, tmp_path):
 @needs_model
 def test_predict_annotate_refuses_a_missing_directory_before_any_work(faces_image, tmp_path):
     path, _ = faces_image
-    r = cli("predict", str(path), "--annotate", str(tmp_path / "no" / "such" / "out.png"))
+    r = cli_here("predict", str(path), "--annotate", str(tmp_path / "no" / "such" / "out.png"))
     assert r.returncode == 2 and f"directory {tmp_path / 'no' / 'such'} does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "no").exists() and r.stdout == ""
-    r = cli("predict", str(path), "--annotate", str(tmp_path / "out.gif"))
+    r = cli_here("predict", str(path), "--annotate", str(tmp_path / "out.gif"))
     assert r.returncode == 2 and "unsupported extension" in r.stderr
     # several images: the directory itself is created (and said so), its parent must exist
-    r = cli("predict", str(path), str(path), "--annotate", str(tmp_path / "gone" / "dir"))
+    r = cli_here("predict", str(path), str(path), "--annotate", str(tmp_path / "gone" / "dir"))
     assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "gone").exists()
-    r = cli("predict", str(path), str(path), "--annotate", str(tmp_path / "dir"))
+    r = cli_here("predict", str(path), str(path), "--annotate", str(tmp_path / "dir"))
     assert r.returncode == 0, r.stderr
     assert f"created directory {tmp_path / 'dir'}" in r.stderr
     assert f"wrote {tmp_path / 'dir' / 'two_faces_annotated.png'} (2 faces marked)" in r.stderr
@@ -131,7 +158,7 @@ def test_predict_reports_bad_files_and_still_processes_the_rest(faces_image, tmp
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
     missing = tmp_path / "missing.png"
-    r = cli("predict", str(corrupt), str(good), str(missing), "--json")
+    r = cli_here("predict", str(corrupt), str(good), str(missing), "--json")
     assert r.returncode == 1
     assert f"error: {corrupt}: not a readable image" in r.stderr
     assert f"error: {missing}: file not found" in r.stderr
@@ -146,7 +173,7 @@ def test_predict_pre_cropped_fer_face_text_output(tmp_path):
     if not FER_TEST.is_dir():
         pytest.skip(NO_FER)
     path = FER_TEST / FACES[0]
-    r = cli("predict", str(path))
+    r = cli_here("predict", str(path))
     assert r.returncode == 0, r.stderr
     assert f"{path}: 1 face (whole image classified as one face)" in r.stdout
     m = re.search(r"#1 at \d+,\d+ \d+x\d+: (\w+) (\d+)%", r.stdout)
@@ -157,18 +184,18 @@ def test_predict_honours_model_flip_average(tmp_path):
     if not FER_TEST.is_dir():
         pytest.skip(NO_FER)
     paths = [str(FER_TEST / f) for f in FACES]
-    plain = [json.loads(line) for line in cli("predict", "--json", *paths).stdout.splitlines()]
+    plain = [json.loads(line) for line in cli_here("predict", "--json", *paths).stdout.splitlines()]
     flip = [json.loads(line) for line in
-            cli("predict", "--json", "--set", "model.flip_average=true", *paths).stdout.splitlines()]
+            cli_here("predict", "--json", "--set", "model.flip_average=true", *paths).stdout.splitlines()]
     assert len(plain) == len(flip) == len(paths)
     conf = lambda rows: [r["faces"][0]["confidence"] for r in rows]  # noqa: E731
     assert conf(plain) != conf(flip)
 
 
 def test_predict_usage_errors():
-    r = cli("predict")
+    r = cli_here("predict")
     assert r.returncode == 2 and "IMAGE" in r.stderr and "Traceback" not in r.stderr
-    r = cli("predict", "x.png", "--model", "/nonexistent/model.tflite")
+    r = cli_here("predict", "x.png", "--model", "/nonexistent/model.tflite")
     assert r.returncode == 2 and "config error: model.path:" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -389,7 +416,7 @@ def test_wording_plurals_and_dry_run_tense():
 
 
 def test_version():
-    r = cli("version")
+    r = cli_here("version")
     assert r.returncode == 0
     import edge
 
