@@ -106,9 +106,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli(tmp_path):
+    from test_cli import cli_here  # in-process: the subprocess is not the point here (see the next test)
+
     out = tmp_path / "aim.jpg"
     # Played at its own 10 fps, like a camera: after 2.5 s of warm-up two faces are in view (edge/data/demo.json).
-    res = run_cli("--set", "source.kind=demo", "-o", str(out), "--warmup", "2.5", cwd=tmp_path)
+    res = cli_here("snapshot", "--set", "source.kind=demo", "-o", str(out), "--warmup", "2.5")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["output"] == str(out) and out.is_file() and len(summary["faces"]) >= 1
@@ -116,12 +118,12 @@ def test_cli(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run_cli("--set", "source.kind=images", "--set", f"source.uri={empty}", "-o", str(tmp_path / "x.jpg"),
-                  "--timeout", "1", cwd=tmp_path)
+    res = cli_here("snapshot", "--set", "source.kind=images", "--set", f"source.uri={empty}",
+                   "-o", str(tmp_path / "x.jpg"), "--timeout", "1")
     assert res.returncode == 1 and res.stderr.strip().endswith("fer-edge doctor checks the camera and says what to fix)")
     assert "no frame" in res.stderr and "Traceback" not in res.stderr and res.stdout == ""
 
-    res = run_cli("-o", str(tmp_path / "nodir" / "x.jpg"), "--set", "source.kind=demo", cwd=tmp_path)
+    res = cli_here("snapshot", "-o", str(tmp_path / "nodir" / "x.jpg"), "--set", "source.kind=demo")
     assert res.returncode == 1 and "no such directory" in res.stderr and "Traceback" not in res.stderr
 
 
