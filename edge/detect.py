@@ -8,7 +8,9 @@ Two backends:
 * ``haar`` - OpenCV's frontal-face Haar cascade shipped inside opencv-python(-headless).
 
 Both detect on a copy of the frame downscaled to ``detect_width`` (detection cost grows with pixel count) and return
-boxes in source-resolution pixels, clipped to the frame, largest first. YuNet's boxes are the square face frame its
+boxes in source-resolution pixels, clipped to the frame, largest first. YuNet adds its fine search
+(``edge.detect_fine``, on by default: ``fine_scale``/``fine_tile``): one full-resolution sweep tile a frame and
+re-detection around known faces, for the small faces the downscaled pass misses. YuNet's boxes are the square face frame its
 raw box implies (``yunet_square``), so ``crop_face`` cuts faces framed like the classifier's training faces.
 
 Which detector runs, and why, is ``Detector.reason``: with ``model_path`` empty the bundled YuNet is used and, if it
@@ -30,7 +32,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from edge.detect_fine import FineSearch
+from edge.detect_fine import PROPOSAL_SCORE, FineSearch
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +302,17 @@ class YuNetDetector(Detector):
         self._nets = {(320, 320): _create_yunet(path, (320, 320), cfg.score_threshold, top_k, hint)}
         self.model_path = str(path)
         self.reason = ("bundled " + YUNET_FILE) if path == BUNDLED_YUNET else f"detect.model_path = {path}"
-        self.fine = (FineSearch(cfg.fine_scale, cfg.fine_tile, cfg.max_faces, self._detect_region)
-                     if cfg.fine_scale > 0 else None)
+        self.fine = (FineSearch(cfg.fine_scale, cfg.fine_tile, cfg.max_faces, self._detect_region,
+                                cfg.score_threshold, cfg.min_face) if cfg.fine_scale > 0 else None)
+        # With the fine search the nets also return weaker boxes: its proposals for a closer look.
+        self._net_threshold = min(cfg.score_threshold, PROPOSAL_SCORE) if self.fine is not None else cfg.score_threshold
+        self._nets[(320, 320)].setScoreThreshold(self._net_threshold)
 
     def _refine(self, image: np.ndarray, boxes: list[Box]) -> list[Box]:
-        return self.fine.search(image, boxes) if self.fine is not None else boxes
+        if self.fine is None:
+            return boxes
+        sure = [b for b in boxes if b.score >= self.cfg.score_threshold]
+        return self.fine.search(image, sure, [b for b in boxes if b.score < self.cfg.score_threshold])
 
     def _found(self, boxes: list[Box]) -> None:
         if self.fine is not None:
@@ -317,7 +325,7 @@ class YuNetDetector(Detector):
                 net = self._nets.pop(next(iter(self._nets)))
                 net.setInputSize(size)
             else:
-                net = cv2.FaceDetectorYN.create(str(self._path), "", size, self.cfg.score_threshold, 0.3, self._top_k)
+                net = cv2.FaceDetectorYN.create(str(self._path), "", size, self._net_threshold, 0.3, self._top_k)
             self._nets[size] = net
         return net
 

@@ -2,18 +2,21 @@
 
 The coarse pass (the whole frame downscaled to ``detect.detect_width``) misses faces that shrink to ~30 px in it
 (a 60 px face at width 320 of 640), and detecting the whole frame at full resolution costs 3-4x as much. The fine
-search adds two kinds of small, bounded detector calls at ``detect.fine_scale`` (1 = source resolution):
+search adds small, bounded detector calls:
 
-* a **sweep**: each frame, one ``detect.fine_tile``-pixel square tile of the frame, in rotation, so the whole frame
-  is searched at the fine scale every few frames (``tiles()``) at a constant cost per frame - a new small face is
-  found within one sweep;
+* a **sweep**: each frame, one ``detect.fine_tile``-pixel square tile of the frame, taken at ``detect.fine_scale``
+  (1 = source resolution), in rotation, so the whole frame is searched at the fine scale every few frames
+  (``tiles()``; 12 tiles at 640x480) at a constant cost per frame - a new small face is found within one sweep;
 * **re-detection** around every face the detector returned recently and the coarse pass missed on this frame: a
   window of ``ROI_CONTEXT`` face sides scaled to ``ROI_INPUT`` pixels (small faces enlarged up to
-  ``ROI_MAX_SCALE``), so a small face, once found, is found on every frame, not only when the sweep passes over it.
+  ``ROI_MAX_SCALE``), so a small face, once found, is found on every frame, not only when the sweep passes over it;
+* **proposals**: a coarse or sweep box scoring between ``PROPOSAL_SCORE`` and ``detect.score_threshold`` is not a
+  face yet, but gets one such window on the next frame (at most ``MAX_PROPOSALS`` a frame), where the enlarged
+  face either passes the threshold or is dropped - a two-stage cascade on the faces the coarse pass half sees.
 
-Each pass keeps one fixed input size (a net per size: switching sizes costs as much as a small detection). A sweep
-detection cut by a tile's inner edge is dropped (the neighbouring tile or the coarse pass holds that face whole),
-and detections of all passes are merged by non-maximum suppression (``merge``). The state (which tile is next, which
+Each pass keeps one fixed input size (a net per size: switching sizes costs as much as a small detection).
+Detections of all passes are merged by non-maximum suppression (``merge``; a face cut by a tile's edge is part of
+the whole face's box, ``same_face``), and a cut face the coarse pass missed is seen whole in its window next frame. The state (which tile is next, which
 faces to look for again) lives in one ``FineSearch`` per detector, so two daemons never share it.
 """
 
@@ -31,6 +34,9 @@ TILE_OVERLAP = 1 / 3  # neighbouring tiles share this fraction of a tile: a face
 MERGE_IOU = 0.3  # boxes of two passes overlapping this much are the same face (edge.track's default match)
 MERGE_COVER = 0.6  # ... and so is a box lying this much inside another (a face cut by a tile's edge)
 MIN_REGION_PX = 24  # a window smaller than this at its scale holds no findable face
+PROPOSAL_SCORE = 0.3  # a coarse or sweep box scoring this (below detect.score_threshold) is looked at again ...
+MAX_PROPOSALS = 2  # ... in a re-detection window on the next frame, at most this many a frame (best first)
+PROPOSAL_MIN_FACE = 0.75  # ... if its side is at least this fraction of detect.min_face
 
 @dataclass
 class _Seen:
@@ -79,13 +85,6 @@ def merge(boxes: list) -> list:
     return kept
 
 
-def _cut_by(box, rect, width: int, height: int) -> bool:
-    """The box reaches an edge of ``rect`` that is not the frame's: the face goes on outside the tile."""
-    x0, y0, x1, y1 = rect
-    return ((x0 > 0 and box.x <= x0) or (y0 > 0 and box.y <= y0) or (x1 < width and box.x + box.w >= x1)
-            or (y1 < height and box.y + box.h >= y1))
-
-
 class FineSearch:
     """Per-detector state of the fine search; ``search`` is called once per frame after the coarse pass.
 
@@ -95,12 +94,15 @@ class FineSearch:
     """
 
     def __init__(self, fine_scale: float, fine_tile: int, max_faces: int,
-                 detect_region: Callable[[object, tuple[int, int, int, int], float], list]):
+                 detect_region: Callable[..., list], threshold: float = 0.6, min_face: int = 1):
         self.scale = fine_scale
         self.tile_px = fine_tile
         self.max_faces = max_faces
+        self.threshold = threshold
+        self.min_face = min_face
         self._detect_region = detect_region
         self._seen: list[_Seen] = []
+        self._proposals: list = []
         self._next_tile = 0
         self._tiles: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
         self.calls = 0  # detector calls made by the fine search (tests, diagnostics)
@@ -111,31 +113,36 @@ class FineSearch:
             self._tiles = {key: tiles(width, height, self.tile_px / self.scale) if self.tile_px else []}
         return self._tiles[key]
 
-    def search(self, image, coarse: list) -> list:
-        """All faces of this frame: ``coarse`` (source-pixel Boxes of the coarse pass) plus what the fine passes
-        find, merged; remembers the result for the next frame's re-detection."""
+    def search(self, image, coarse: list, proposals: list = ()) -> list:
+        """All faces of this frame: ``coarse`` (source-pixel Boxes of the coarse pass scoring at least the
+        threshold) plus what the fine passes find, merged. ``proposals``: the coarse pass's boxes that scored
+        between PROPOSAL_SCORE and the threshold, looked at closer on the next frame."""
         h, w = image.shape[:2]
         found = list(coarse)
-        for seen in self._seen:  # re-detect known faces the coarse pass lost
-            b = seen.box
-            if any(same_face(b, c) for c in coarse):
-                continue
+        windows = [s.box for s in self._seen if not any(same_face(s.box, c) for c in coarse)]  # lost by coarse
+        windows += [b for b in self._proposals if not any(same_face(b, k) for k in found + windows)]
+        for b in windows:
             side = ROI_CONTEXT * max(b.w, b.h)
             scale = min(ROI_MAX_SCALE, ROI_INPUT / side)
             cx, cy = b.x + b.w / 2.0, b.y + b.h / 2.0
             rect = (max(0, int(cx - side / 2)), max(0, int(cy - side / 2)), min(w, int(math.ceil(cx + side / 2))),
                     min(h, int(math.ceil(cy + side / 2))))
             if min(rect[2] - rect[0], rect[3] - rect[1]) * scale >= MIN_REGION_PX:
-                found += self._detect_region(image, rect, scale, ROI_INPUT)
+                found += [d for d in self._detect_region(image, rect, scale, ROI_INPUT) if d.score >= self.threshold]
                 self.calls += 1
+        weak = list(proposals)
         grid = self.tiles_for(w, h)
         if grid:
             rect = grid[self._next_tile % len(grid)]
             self._next_tile = (self._next_tile + 1) % len(grid)
-            found += [b for b in self._detect_region(image, rect, self.scale, self.tile_px)
-                      if not _cut_by(b, rect, w, h)]
+            for d in self._detect_region(image, rect, self.scale, self.tile_px):
+                (found if d.score >= self.threshold else weak).append(d)
             self.calls += 1
-        return merge(found)
+        found = merge(found)
+        weak = [b for b in merge(weak) if max(b.w, b.h) >= PROPOSAL_MIN_FACE * self.min_face
+                and not any(same_face(b, k) for k in found)]
+        self._proposals = weak[:MAX_PROPOSALS]
+        return found
 
     def remember(self, final: list) -> None:
         """The boxes the detector returned this frame: look for them again next frame, and for the ones that
@@ -148,4 +155,5 @@ class FineSearch:
 
     def reset(self) -> None:
         self._seen = []
+        self._proposals = []
         self._next_tile = 0

@@ -111,3 +111,24 @@ def test_fine_settings_are_bounded(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
         DetectConfig(**{field: value}).validate()
     DetectConfig(fine_scale=0, fine_tile=0).validate()  # both off is allowed
+
+
+def test_a_weak_coarse_box_gets_a_closer_look_on_the_next_frame():
+    img = np.full((480, 640, 3), 128, np.uint8)
+    looked = []
+
+    def region(image, rect, scale, pad_to=0):  # finds a sure face in any window it is shown
+        looked.append((rect, scale))
+        x0, y0, x1, y1 = rect
+        return [Box((x0 + x1) // 2 - 25, (y0 + y1) // 2 - 25, 50, 50, 0.9)]
+
+    fine = FineSearch(1.0, 0, 5, region, threshold=0.6, min_face=48)
+    weak = Box(300, 200, 50, 50, 0.4)  # below the threshold: not a face yet
+    assert fine.search(img, [], [weak]) == [] and looked == []
+    out = fine.search(img, [], [])
+    assert len(looked) == 1 and looked[0][1] == pytest.approx(144 / 100)  # a 2-face-side window, enlarged
+    assert len(out) == 1 and out[0].score == 0.9 and iou(out[0], weak) > 0.5
+    looked.clear()
+    fine.search(img, [], [Box(300, 200, 20, 20, 0.4)])  # far below min_face: no closer look
+    fine.search(img, [], [])
+    assert looked == []
