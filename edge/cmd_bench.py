@@ -192,7 +192,8 @@ def format_table(report: dict) -> str:
                 lines.append(f"  {s['id']:<{idw}} no faces to compare")
                 continue
             lines.append(f"  {s['id']:<{idw}} p50 {_fmt(c['classify_per_face']['p50_ms'], 3)} vs "
-                         f"{_fmt(c['baseline_classify_per_face']['p50_ms'], 3)} ms: ratio {_fmt(c['latency_ratio'])}, "
+                         f"{_fmt(c['baseline_classify_per_face']['p50_ms'], 3)} ms: ratio {_fmt(c['latency_ratio'])} "
+                         f"({Path(c['model']).stem} / {Path(mod['path']).stem}), "
                          f"top-1 agreement {100 * c['top1_agreement']:.1f}% of {c['faces_compared']} faces")
     lines += ["", f"reproduce: {report['command']}"]
     return "\n".join(lines)
