@@ -127,6 +127,33 @@ def test_cli(tmp_path):
     assert res.returncode == 1 and "no such directory" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_cli_logging_ignores_handlers_left_by_the_embedding_process(tmp_path):
+    """A root handler bound to a stream that is closed by now (left by an earlier in-process caller) must not get
+    the source thread's retry warnings: CI once printed a 'Logging error' traceback into snapshot's stderr so."""
+    import io
+    import logging
+
+    from test_cli import cli_here
+
+    stale = io.StringIO()
+    handler = logging.StreamHandler(stale)
+    stale.close()
+    root = logging.getLogger()
+    saved_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        res = cli_here("snapshot", "--set", "source.kind=images", "--set", f"source.uri={empty}",
+                       "-o", str(tmp_path / "x.jpg"), "--timeout", "1")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+    assert res.returncode == 1 and "no frame" in res.stderr
+    assert "Logging error" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
 def test_cli_video_file_missing_or_not_a_video_is_said_at_once(tmp_path):
     """A missing video file is "not found" at once (it used to wait --timeout and say "no frame"), and a file
     that is not a video says so in one line, without FFmpeg's raw "[mov,mp4,… @ 0x…]" lines."""

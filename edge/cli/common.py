@@ -58,6 +58,21 @@ def setup_logging(level: str = "INFO", env: Mapping[str, str] | None = None) -> 
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                                                "%Y-%m-%d %H:%M:%S"))
+    _replace_root_handlers(handler, level)
+
+
+def command_logging(verbose: bool, quiet_level: int = logging.ERROR) -> None:
+    """A one-shot command's logging: its modules' messages at ``quiet_level`` and above (DEBUG with -v) as
+    "LEVEL name: message" on stderr. Unlike logging.basicConfig, which does nothing once the root logger has a
+    handler, this always applies: a handler left by the embedding process (one bound to a stream since closed)
+    would otherwise receive a source thread's retries at WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    _replace_root_handlers(handler, logging.DEBUG if verbose else quiet_level)
+
+
+def _replace_root_handlers(handler: logging.Handler, level) -> None:
+    # Removed, not closed: a handler's stream belongs to whoever made it (closing sys.stderr's would end output).
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -22,11 +22,11 @@ def register(sub) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from edge.cli.common import command_logging
     from edge.config import ConfigError, find_config_path, load_config, parse_set_option
     from edge.doctor import FAIL, Check, DoctorOptions, run_doctor
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    command_logging(args.verbose, logging.ERROR)
     path = find_config_path(args.config)
     try:
         overrides = dict(parse_set_option(item) for item in args.sets)

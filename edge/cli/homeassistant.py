@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from edge.cli.common import add_config_args, collect_overrides
+from edge.cli.common import add_config_args, collect_overrides, command_logging
 
 
 def register(sub) -> None:
@@ -35,8 +35,7 @@ def cmd_homeassistant(args: argparse.Namespace) -> int:
     from edge.config import ConfigError, find_config_path, load_config
     from edge.mqtt import MqttError
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    command_logging(args.verbose, logging.WARNING)
     try:
         overrides = collect_overrides(args, FLAGS)
         cfg = load_config(find_config_path(args.config), overrides)

@@ -28,12 +28,12 @@ def register(sub) -> None:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from edge.cli.common import command_logging
     from edge.config import find_config_path, load_config, parse_set_option
     from edge.doctor import is_camera, service_state
     from edge.snapshot import SnapshotError, take_snapshot
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    command_logging(args.verbose, logging.ERROR)
     if args.warmup < 0 or args.timeout <= 0:
         print("error: --warmup must be >= 0 and --timeout > 0", file=sys.stderr)
         return 2
