@@ -638,12 +638,14 @@ class UpdateManager:
                                              "says idle", origin)
             return
         try:
-            if req.signed_by is not None:
-                self._record_replay_floor(req)
-            # Journal first, so that a kill from here on leaves an "interrupted" report at the next start.
+            # Journal first, so that a kill from here on leaves an "interrupted" report at the next start; the
+            # replay floor after it, so that a kill before the journal leaves the command usable, not spent.
             req.staging = self.store.new_staging({"id": req.id, "action": req.action, "origin": req.origin,
                                                   **({"url": req.url} if req.url else {})})
+            if req.signed_by is not None:
+                self._record_replay_floor(req)
         except (StoreError, OSError) as e:
+            self.store.discard(req.staging)
             with self._lock:
                 self._busy = None
             self._refuse(req.id, req.action, f"cannot record the request in {self.store.root}: {e}", origin)

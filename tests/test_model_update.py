@@ -620,6 +620,59 @@ def test_unsigned_commands_and_replays_do_nothing(tmp_path, keys):
     assert "replayed or out of order" in st["error"], st
 
 
+def test_a_kill_while_accepting_a_command_neither_burns_it_nor_loses_its_report(tmp_path, keys, monkeypatch):
+    """Issue 20 item 8: the request's journal is written before the replay floor. A kill before the journal
+    leaves the command unused (sent again, it is accepted); a kill after it leaves an "interrupted" report.
+    Before, the floor came first: a kill between the two used the command up and reported nothing."""
+    cfg = _cfg(tmp_path, keys, **{"device.id": "cam1"})
+    store = ModelStore(Path(cfg.device.state_dir) / "models")
+    store.end_probation(install_into(store, GOOD_A, "9000.1", keys["op"]["key"]).sha256)
+    store.end_probation(install_into(store, GOOD_B, "9000.2", keys["op"]["key"]).sha256)
+    sent: list[dict] = []
+
+    class Pub:
+        def publish(self, suffix, payload, qos=0, retain=False):
+            sent.append(payload)
+            return True
+
+    class Killed(BaseException):
+        """The process dies here: nothing after this line of _on_command runs."""
+
+    def manager():
+        m = UpdateManager(cfg)
+        m.load_initial()
+        m._publisher = Pub()
+        return m
+
+    cmd = json.dumps(signed_rollback(keys["op"]["key"], "rb-kill", device="cam1")).encode()
+
+    def die(*a, **k):
+        raise Killed
+
+    with monkeypatch.context() as mp:  # killed while journalling the request
+        mp.setattr(ModelStore, "new_staging", die)
+        with pytest.raises(Killed):
+            manager()._on_command("x", cmd, "mqtt")
+    m = manager()  # restarted: the same command is not a replay, and it is accepted
+    m._on_command("x", cmd, "mqtt")
+    assert m._jobs.qsize() == 1 and "rb-kill" in m._handled and not sent, sent
+
+    cmd2 = json.dumps(signed_rollback(keys["op"]["key"], "rb-kill-2", device="cam1",
+                                      issued_at=time.time() + 1)).encode()
+    real_floor = UpdateManager._record_replay_floor
+
+    def floor_then_die(self, req):
+        real_floor(self, req)
+        raise Killed
+
+    with monkeypatch.context() as mp:  # killed just after the replay floor was written
+        mp.setattr(UpdateManager, "_record_replay_floor", floor_then_die)
+        with pytest.raises(Killed):
+            manager()._on_command("x", cmd2, "mqtt")
+    st = manager().status()
+    assert st["request_id"] == "rb-kill-2" and "interrupted" in (st["error"] or ""), st
+
+
 # --- the frame loop in-process: hot swap and automatic rollback ----------------------------------------------
 
 # Frames each in-process run processes: the install or automatic rollback lands near frame 30 (measured: 24-32 on
