@@ -205,8 +205,11 @@ if [ "$OFFLINE" = 1 ]; then
             break
         fi
     done
-    target="$(ls "$BUILD"/dist/fer_edge-*.whl 2>/dev/null | head -n 1)"
-    [ -n "$target" ] || die "--offline: no build backend to build fer-edge without an index: neither $VENV/bin/python nor $PY can build a wheel (pip install 'setuptools>=70.1' into $PY, or run without --offline); pip said: $(grep -m1 -i error "$BUILD/wheel.log" || tail -n 1 "$BUILD/wheel.log")"
+    # A glob, not `ls | head`: under pipefail a failed ls would end the script here without a word.
+    wheels=("$BUILD"/dist/fer_edge-*.whl)
+    target=""
+    [ -e "${wheels[0]}" ] && target="${wheels[0]}"
+    [ -n "$target" ] || die "--offline: no build backend to build fer-edge without an index: neither $VENV/bin/python nor $PY can build a wheel (pip install 'setuptools>=70.1' into $PY, or run without --offline); pip said: $(grep -v '^[[:space:]]*$' "$BUILD/wheel.log" | tail -n 1)"
 fi
 say "installing fer-edge from $SRC into $VENV"
 if [ "$MACHINE" = armv7l ]; then

@@ -281,6 +281,33 @@ def test_install_sh_into_staging_root(tmp_path):
     assert "using existing venv" in res.stdout and "nothing to change" in res.stdout
 
 
+def test_install_sh_pins_numpy_for_picamera2_and_says_when_no_wheel_can_be_built(tmp_path):
+    """With picamera2 importable, numpy is pinned to the version outside the venv (the camera stack's); an offline
+    build that fails names the fix. Before, `ls dist/*.whl` failing under pipefail ended the script silently."""
+    if shutil.which("bash") is None or shutil.which("git") is None:
+        pytest.skip("bash and git needed (sudo apt-get install bash git): scripts/install.sh is not run")
+    import numpy
+
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    pyproject = src / "pyproject.toml"  # a build backend nobody has: no interpreter can build the wheel
+    pyproject.write_text(pyproject.read_text().replace('"setuptools.build_meta"', '"no_such_backend.build"'))
+    stage = tmp_path / "root"
+    stage.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FER_EDGE_", "PIP_", "VIRTUAL_ENV", "PYTHON"))}
+    env["PYTHON"] = sys.executable
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fake_picamera2"), *site.getsitepackages()])
+    res = subprocess.run(["bash", str(src / "scripts" / "install.sh"), "--root", str(stage), "--offline"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert f"numpy pinned to the system's {numpy.__version__}" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "--offline: no build backend to build fer-edge" in res.stderr and "no_such_backend" in res.stderr
+
+
 def test_install_sh_rejects_bad_usage(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--bogus"], capture_output=True, text=True)
     assert res.returncode == 1 and "unknown option --bogus" in res.stderr
