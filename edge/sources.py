@@ -176,8 +176,14 @@ class _OpenCVBackend(_Backend):
 
     def read(self, timeout: float) -> Optional[np.ndarray]:
         # No per-call timeout in cv2.VideoCapture.read (V4L2 gives up after its own 10 s select, FFmpeg streams
-        # after 30 s); a read stuck beyond that is caught by the stall check.
+        # after 30 s), and it cannot be interrupted from outside: a camera or stream read is timed here instead,
+        # so one that returns late counts as failed (reconnect) like picamera2's wait=; one that never returns
+        # is caught by the stall check.
+        t0 = time.monotonic()
         ok, img = self.cap.read()
+        took = time.monotonic() - t0
+        if self.live and took > timeout:
+            raise TimeoutError(f"read took {took:.1f} s, over source.frame_timeout_s ({timeout:g} s)")
         return img if ok and img is not None and img.size else None
 
     def close(self) -> None:

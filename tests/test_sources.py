@@ -336,6 +336,48 @@ def test_picamera2_hung_driver_call_is_reported_stalled(picamera2):
     assert not src.stalled()
 
 
+def test_slow_opencv_stream_read_counts_as_failed_and_reconnects(monkeypatch, caplog):
+    """cv2.VideoCapture.read has no timeout: a camera or stream read that returns after source.frame_timeout_s is
+    a failed read (close, reconnect), as picamera2's wait= timeout is; frames in time bring the source back up."""
+    import edge.sources as sources
+
+    delay = {"s": 0.3}
+    opened = []
+
+    class SlowCapture:
+        def __init__(self, uri):
+            opened.append(uri)
+
+        def isOpened(self):
+            return True
+
+        def set(self, prop, value):
+            return True
+
+        def get(self, prop):
+            return 10.0
+
+        def read(self):
+            time.sleep(delay["s"])
+            return True, np.zeros((48, 64, 3), np.uint8)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(sources.cv2, "VideoCapture", SlowCapture)
+    caplog.set_level(logging.INFO, logger="edge.sources")
+    cfg = SourceConfig(kind="opencv", uri="rtsp://camera.local/stream", frame_timeout_s=0.1, stall_timeout_s=30,
+                       reconnect_min_s=0.05, reconnect_max_s=0.1)
+    with open_source(cfg) as src:
+        assert wait_for(lambda: src.reconnects >= 2, timeout=30)
+        assert src.status == "down" and "over source.frame_timeout_s (0.1 s)" in src.last_error, src.last_error
+        assert src.frames == 0 and len(opened) >= 2  # late frames are not delivered; the stream is reopened
+        delay["s"] = 0.0
+        assert wait_for(lambda: src.status == "up", timeout=30)
+        assert src.read(2.0) is not None
+    assert any("stopped delivering frames (TimeoutError: read took" in r.getMessage() for r in caplog.records)
+
+
 def test_picamera2_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "picamera2", None)  # makes `import picamera2` raise ImportError
     with pytest.raises(SourceError, match="sudo apt install python3-picamera2.*--system-site-packages"):
