@@ -280,6 +280,8 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, ca_file: st
                 raise Refused(f"download {where}: redirected to a non-http(s) URL")
             per_op = max(0.1, min(15.0, deadline - time.monotonic()))
             conn, target, extra = _connection(parts, per_op, ctx)
+            conn._create_connection = lambda address, timeout, source_address=None: _connect_bounded(
+                address, timeout, source_address, lambda: bool(fired) or time.monotonic() >= deadline)
             live[:] = [conn]
             try:
                 conn.request("GET", target, headers={"User-Agent": "fer-edge model update", "Connection": "close",
@@ -307,6 +309,35 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, ca_file: st
         raise Refused(f"download {where} failed: {type(e).__name__}: {e}") from None
     finally:
         done.set()
+
+
+def _connect_bounded(address: tuple[str, int], timeout, source_address, should_stop) -> socket.socket:
+    """socket.create_connection with the name lookup in a thread of its own, abandoned once ``should_stop()``:
+    getaddrinfo cannot be interrupted, and glibc's resolver may wait 5 s per server and attempt."""
+    host, port = address
+    found: list = []
+    looked_up = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except OSError as e:
+            found.append(e)
+        looked_up.set()
+
+    threading.Thread(target=lookup, name="fetch-resolve", daemon=True).start()
+    while not looked_up.wait(0.05):
+        if should_stop():
+            raise TimeoutError(f"looking up {host} took too long")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    error: OSError = OSError(f"{host}: no address")
+    for family, kind, proto, _, sockaddr in found[0]:
+        try:
+            return socket.create_connection(sockaddr[:2], timeout, source_address)
+        except OSError as e:
+            error = e
+    raise error
 
 
 def _read_body(resp, dest: Path, where: str, max_bytes: int, check_fired) -> bytes:

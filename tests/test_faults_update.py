@@ -20,6 +20,7 @@ import os
 import random
 import select
 import signal
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -91,6 +92,35 @@ def test_dripping_download_hits_the_total_deadline_and_stops_on_cancel(drip, tmp
     with pytest.raises(Refused, match="the daemon is stopping"):
         fetch(drip.url, tmp_path / "b", max_bytes=10**6, timeout_s=60, cancel=cancel)
     assert time.monotonic() - t0 < 1.5
+
+
+def test_a_hanging_name_lookup_is_bounded_by_the_deadline_and_by_cancel(monkeypatch, tmp_path):
+    """getaddrinfo cannot be interrupted and glibc's resolver may wait 5 s per server and try: the lookup runs
+    beside the download, so the total deadline and a stop still end the fetch on time. Before, a lookup hanging
+    longer than update.http_timeout_s held the worker for as long as it hung."""
+    import edge.updates as updates
+
+    release = threading.Event()
+
+    def hanging_getaddrinfo(*args, **kwargs):
+        release.wait(20)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(updates.socket, "getaddrinfo", hanging_getaddrinfo)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Refused, match=r"took longer than 0.5 s in total \(update.http_timeout_s\)"):
+            fetch("http://models.example.invalid/b.tar", tmp_path / "a", max_bytes=10**6, timeout_s=0.5)
+        assert time.monotonic() - t0 < 1.5
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(Refused, match="the daemon is stopping"):
+            fetch("http://models.example.invalid/b.tar", tmp_path / "b", max_bytes=10**6, timeout_s=60,
+                  cancel=cancel)
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        release.set()
 
 
 # --- SIGKILL during installs ------------------------------------------------------------------------------
