@@ -620,6 +620,40 @@ def test_unsigned_commands_and_replays_do_nothing(tmp_path, keys):
     assert "replayed or out of order" in st["error"], st
 
 
+def test_unsigned_rollback_when_allowed_rolls_back_and_retires_without_deleting(tmp_path, keys):
+    """update.allow_unsigned_rollback = true: any broker client may roll back, and that is all it can do - the
+    model rolled back from is retired (kept on disk, keep_previous of them), never deleted by the command."""
+    cfg = _cfg(tmp_path, keys, **{"device.id": "cam1", "update.allow_unsigned_rollback": "true",
+                                  "update.keep_previous": "2"})
+    store = ModelStore(Path(cfg.device.state_dir) / "models")
+    for v, model in (("9000.1", GOOD_A), ("9000.2", GOOD_B)):
+        store.end_probation(install_into(store, model, v, keys["op"]["key"]).sha256)
+    dirs = sorted(p.name for p in store.root.iterdir() if p.is_dir())
+    sent: list[dict] = []
+
+    class Pub:
+        def publish(self, suffix, payload, qos=0, retain=False):
+            sent.append(payload)
+            return True
+
+    m = UpdateManager(cfg)
+    m.load_initial()
+    m._publisher = Pub()
+    assert m.status()["version"] == "9000.2"
+    for i, expected in enumerate(("9000.1", None)):
+        m._on_command("x", json.dumps({"id": f"anon-rb{i}", "action": "rollback"}).encode(), "mqtt")
+        m._handle(m._jobs.get_nowait())
+        st = sent[-1]
+        assert st["request_id"] == f"anon-rb{i}" and st["result"] == "rolled_back", st
+        active = store.read_pointer().active
+        assert (active.version if active else None) == expected
+    assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == dirs  # both models still on disk
+    # Installing stays signed-only: the flag opens rollback, nothing else.
+    m._on_command("x", json.dumps({"id": "anon-inst", "action": "install", "bundle": "AAAA",
+                                   "sha256": "a" * 64}).encode(), "mqtt")
+    assert sent[-1]["result"] == "refused" and "unsigned install command refused" in sent[-1]["error"]
+
+
 def test_a_kill_while_accepting_a_command_neither_burns_it_nor_loses_its_report(tmp_path, keys, monkeypatch):
     """Issue 20 item 8: the request's journal is written before the replay floor. A kill before the journal
     leaves the command unused (sent again, it is accepted); a kill after it leaves an "interrupted" report.
