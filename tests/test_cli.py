@@ -441,8 +441,8 @@ def test_run_startup_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_each_command_lives_in_its_own_module():
-    """One module per command: edge/cli/<name>.py with register(subparsers) (or an edge/cmd_<name>.py not yet
-    moved in); helper modules there register nothing; and `fer-edge` still starts from edge.cli:main."""
+    """One module per command: edge/cli/<name>.py with register(subparsers), none elsewhere in edge/; helper
+    modules there register nothing; and `fer-edge` still starts from edge.cli:main."""
     import importlib
     import pkgutil
 
@@ -460,9 +460,9 @@ def test_each_command_lives_in_its_own_module():
     for name, parser in subparsers(build_parser()).choices.items():
         module = handler(parser).__module__
         homes[name] = module
-        assert module.startswith(("edge.cli.", "edge.cmd_")), (name, module)
+        assert module.startswith("edge.cli."), (name, module)
     for name in ("run", "demo", "predict", "listen", "config", "version", "snapshot", "homeassistant", "model",
-                 "doctor"):
+                 "doctor", "bench"):
         assert homes[name] == f"edge.cli.{name}", (name, homes[name])
     assert homes["install-service"] == homes["uninstall-service"] == "edge.cli.install"
     for info in pkgutil.iter_modules(edge.cli.__path__):
@@ -473,4 +473,5 @@ def test_each_command_lives_in_its_own_module():
             assert not hasattr(mod, "register"), info.name
         else:
             assert callable(getattr(mod, "register", None)), f"edge/cli/{info.name}.py has no register()"
+    assert not [m.name for m in pkgutil.iter_modules(edge.__path__) if m.name.startswith("cmd_")]  # all moved in
     assert "fer-edge = \"edge.cli:main\"" in (ROOT / "pyproject.toml").read_text()

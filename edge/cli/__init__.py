@@ -4,8 +4,7 @@ A command module defines ``register(subparsers)``, which adds its sub-parser wit
 ``set_defaults(func=handler)`` (``handler(args) -> int``); every module here that has one is picked up, so a
 new command is a new file and nothing else. Modules without ``register`` are helpers (common, subscriber,
 local_broker). A command's work that is not argument handling lives in a helper module named for it outside
-this package (edge/doctor.py, edge/install.py, edge/bench.py). ``bench`` still lives in ``edge/cmd_bench.py``
-and is picked up the same way until it is moved in (``git mv edge/cmd_bench.py edge/cli/bench.py``).
+this package (edge/doctor.py, edge/install.py, edge/bench.py).
 
 Every user error ends in one clear line on stderr and exit status 2 (1 for runtime failures such as an
 unreachable broker or unreadable images); never a traceback.
@@ -34,13 +33,10 @@ FIRST = ("run", "demo", "predict", "listen", "config", "version")
 
 
 def command_modules() -> Iterator[str]:
-    """Names of the modules that may hold a command: this package's, then edge/cmd_<name>.py not yet moved in."""
+    """Names of the modules that may hold a command: this package's, everyday commands first."""
     here = [info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]
     for name in sorted(here, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
         yield f"edge.cli.{name}"
-    for info in pkgutil.iter_modules(edge.__path__):
-        if info.name.startswith("cmd_"):
-            yield f"edge.{info.name}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,12 +86,12 @@ def options_from_args(args: argparse.Namespace):
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; 2 for bad input, 1 if a scenario failed, else 0."""
+    from edge.cli.common import command_logging
     from edge.bench import BenchError, run
     from edge.classify import ModelError
     from edge.detect import DetectorError
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    command_logging(args.verbose, logging.WARNING)
     if args.input != "scenes" and args.faces is not None:
         print("error: --faces applies to --input scenes only (a video has its own faces)", file=sys.stderr)
         return 2
