@@ -39,7 +39,7 @@ def _model_path() -> Path:
 @pytest.fixture(autouse=True)
 def need_model():
     if not _model_path().is_file():
-        pytest.skip(f"no emotion model at {_model_path()} (build the edge/models bundle first)")
+        pytest.skip(f"no emotion model at {_model_path()} (it ships in git: git checkout -- edge/models)")
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ def small_face_frame():
         truth = Box(x, y, s, s)
         if not any(iou(b, truth) > 0.3 for b in coarse) and any(iou(b, truth) > 0.3 for b in full):
             return img, truth
-    pytest.skip("no demo face is missed at width 320 and found at full resolution on this OpenCV")
+    pytest.skip(f"no demo face is missed at width 320 and found at full resolution on OpenCV {cv2.__version__}: "
+                "this OpenCV's YuNet finds them all; the test needs such a face (opencv-python-headless 4.10-4.14 has one)")
 
 
 def test_fine_search_finds_a_small_face_within_one_sweep_and_then_on_every_frame(small_face_frame):

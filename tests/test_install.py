@@ -323,10 +323,10 @@ def test_install_and_run_on_the_pi_userland(arch, qemu):
         pytest.skip("slow (10-30 minutes an architecture): run it with "
                     "FER_PI_USERLAND=1 python3 -m pytest -m pi_userland tests/test_install.py (as root)")
     if os.geteuid() != 0:
-        pytest.skip("needs root (debootstrap, chroot, mounts)")
+        pytest.skip("needs root (debootstrap, chroot, mounts): run it with sudo")
     missing = [t for t in ("debootstrap", qemu) if shutil.which(t) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed: apt-get install debootstrap qemu-user-static")
+        pytest.skip(f"{', '.join(missing)} not installed: sudo apt-get install debootstrap qemu-user-static")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "pi-userland-check.sh"), "--arch", arch],
                          capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]

@@ -521,7 +521,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture
 def tls_files(tmp_path):
     if not shutil.which("openssl"):
-        pytest.skip("openssl CLI not installed; TLS test skipped")
+        pytest.skip("openssl CLI not installed (sudo apt-get install openssl): it makes the TLS test's certificates")
     d = tmp_path / "pki"
     d.mkdir()
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]

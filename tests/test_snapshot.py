@@ -20,7 +20,8 @@ from edge.sources import DEMO_CLIP
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not DEMO_CLIP.is_file(), reason=f"demo clip missing: {DEMO_CLIP}")
+pytestmark = pytest.mark.skipif(not DEMO_CLIP.is_file(), reason=f"demo clip missing: {DEMO_CLIP} "
+                                "(it ships in git: git checkout -- edge/data)")
 
 
 def demo_cfg(**extra: str):

@@ -131,7 +131,7 @@ def _need_model():
     from edge.classify import DEFAULT_MODEL
 
     if not Path(DEFAULT_MODEL).is_file():
-        pytest.skip(f"no emotion model at {DEFAULT_MODEL} (build the edge/models bundle first)")
+        pytest.skip(f"no emotion model at {DEFAULT_MODEL} (it ships in git: git checkout -- edge/models)")
 
 
 # --- config and passwords ---------------------------------------------------------------------------------------
@@ -539,7 +539,7 @@ class _Dom(HTMLParser):
 def chromium(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.skip("headless Chromium not installed (Debian: apt-get install chromium; .ci/run installs it)")
+        pytest.skip("headless Chromium not installed (Debian: sudo apt-get install chromium; .ci/run installs it)")
     with tempfile.TemporaryDirectory() as profile:
         # No background networking: this machine's closed network would refuse (and delay) those connections.
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
