@@ -243,6 +243,22 @@ def cpu_model() -> str:
     return _read("/proc/device-tree/model") or platform.processor() or platform.machine()
 
 
+# The CPU features XNNPACK's int8 and float kernels choose between, widest first: the same model runs several
+# times slower per face without a dot-product instruction (VNNI on x86, dotprod/i8mm on ARM), so a timing is
+# only comparable with one taken on the same features.
+SIMD_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "avx512f", "avx2", "fma", "i8mm", "asimddp", "asimd", "neon")
+
+
+def cpu_simd() -> list[str]:
+    """Which of SIMD_FLAGS this CPU has (x86 'flags' / ARM 'Features' in /proc/cpuinfo)."""
+    have: set[str] = set()
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            have.update(value.split())
+    return [f for f in SIMD_FLAGS if f in have]
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -262,6 +278,7 @@ def machine_info() -> dict:
         load = None
     return {
         "cpu": cpu_model(),
+        "simd": cpu_simd(),
         "board": _read("/proc/device-tree/model") or None,
         "arch": platform.machine(),
         "cores": os.cpu_count(),

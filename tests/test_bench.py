@@ -81,6 +81,7 @@ def test_table_output_and_missing_backend():
     assert "total p50/p95/p99" in r.stdout and "reproduce: fer-edge bench" in r.stdout
     assert "budget (x86, one thread):" in r.stdout and "issue" not in r.stdout  # no tracker jargon for users
     assert "XNNPACK" not in r.stderr
+    assert "\ncpu features " in r.stdout and "compare timings only between CPUs with the same features" in r.stdout
     rows = [line for line in r.stdout.splitlines() if line.startswith("scenes/0f")]
     assert len(rows) == 2 and "litert" in rows[0] and "tflite-rt" in rows[1]
     if importlib.util.find_spec("tflite_runtime") is None:
@@ -140,3 +141,17 @@ def test_summarize_percentiles():
     assert summarize([]) == {"count": 0}
     with pytest.raises(BenchError, match="--iterations"):
         BenchOptions(iterations=2).validate()
+
+
+def test_cpu_features_are_read_from_cpuinfo_and_named_in_the_header(monkeypatch):
+    """The same model runs at very different speeds with and without int8 dot-product instructions: the report
+    names the CPU features so that a timing is compared only with one taken on the same kind of CPU."""
+    import edge.bench as bench
+
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n"
+    pi = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid asimddp\nModel\t: Raspberry Pi 5\n"
+    for text, want in ((x86, ["avx512_vnni", "avx512f", "avx2", "fma"]), (pi, ["asimddp", "asimd"]),
+                       ("processor\t: 0\nflags\t: fpu sse2\n", [])):
+        monkeypatch.setattr(bench, "_read", lambda path, text=text: text if path == "/proc/cpuinfo" else "")
+        assert bench.cpu_simd() == want
+        assert bench.machine_info()["simd"] == want

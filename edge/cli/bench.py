@@ -145,13 +145,23 @@ COLUMNS = (  # header, width, cell(scenario)
 )
 
 
+def _has_dot_product(simd: list[str]) -> bool:
+    return bool({"avx512_vnni", "avx_vnni", "i8mm", "asimddp"} & set(simd))
+
+
 def format_table(report: dict) -> str:
     """The report for people: machine, model, one row per scenario (ms), budget, compare."""
+    from edge.bench import SIMD_FLAGS
+
     m, mod = report["machine"], report["model"]
     lines = [
         f"fer-edge bench: {m['cpu']} ({m['arch']}, {m['cores']} cores, {m['usable_cores']} usable"
         + (f", {m['board']}" if m.get("board") else "") + (f", governor {m['governor']}" if m.get("governor") else "")
         + f"), load average {m['loadavg_at_start']}",
+        f"cpu features {' '.join(m.get('simd') or []) or 'none of ' + '/'.join(SIMD_FLAGS)} ("
+        + ("int8 dot-product instructions" if _has_dot_product(m.get("simd") or [])
+           else "no int8 dot-product instruction (VNNI, dotprod): slower int8 kernels")
+        + "; compare timings only between CPUs with the same features)",
         f"python {m['python']}, numpy {m['numpy']}, opencv {m['opencv']}, ai-edge-litert {m['ai-edge-litert']}, "
         f"tflite-runtime {m['tflite-runtime']}",
         f"model {Path(mod['path']).name} v{mod['version']} ({mod['sha256'][:12]}, input {mod['input_size']} "
