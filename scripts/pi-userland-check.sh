@@ -12,7 +12,7 @@
 #   4. downloads, outside the root, the wheels pip would pick on that architecture for Python 3.11
 #      (pip inside an emulated root cannot verify TLS here; it installs from them with --no-index)
 #   5. inside the root: scripts/install.sh --no-enable, then fer-edge version, fer-edge doctor,
-#      fer-edge demo --no-mqtt --max-frames 30 and fer-edge predict on a face image
+#      fer-edge demo --no-mqtt --max-frames 30 and fer-edge predict on a face image (both model bundles)
 # It proves the wheels, glibc, numpy pins, apt packages and the CLI on the target's architecture. It does not
 # prove speed (every instruction is emulated: timings mean nothing), the camera stack (plain Debian has no
 # python3-picamera2 or libcamera for the Pi) or systemd (nothing is PID 1 in a chroot).
@@ -145,5 +145,7 @@ run_in /opt/fer-edge/venv/bin/python -c 'import sys, cv2, edge.sources as s
 cap = cv2.VideoCapture(str(s.DEMO_CLIP)); cap.set(cv2.CAP_PROP_POS_FRAMES, 25); ok, img = cap.read()
 sys.exit(0 if ok and cv2.imwrite("/tmp/face.png", img) else "cannot read the demo clip")'
 run_in fer-edge predict /tmp/face.png
+say "fer-edge predict --set model.variant=small (the bundle for Pi 3 / Zero 2 W)"
+run_in fer-edge predict /tmp/face.png --set model.variant=small
 say "OK: fer-edge installs and runs on Debian $SUITE $ARCH ($(chroot "$DIR" /opt/fer-edge/venv/bin/python -c \
     'import platform, numpy, cv2; print(platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__, "opencv", cv2.__version__)'))"
