@@ -384,6 +384,11 @@ def test_daemon_endpoints_with_auth_and_no_preview(tmp_path, broker, subscriber,
         assert fams["fer_edge_frames"].type == "counter" and value["fer_edge_frames"] > 0
         assert value["fer_edge_healthy"] == 1 and value["fer_edge_source_up"] == 1
         assert value["fer_edge_mqtt_connected"] == 1 and value["fer_edge_mqtt_sent"] > 0
+        # The MQTT health an operator alerts on: buffer, drops, reconnects (none in this run, but there and typed).
+        assert fams["fer_edge_mqtt_buffered_events"].type == "gauge" and value["fer_edge_mqtt_buffered_events"] >= 0
+        assert fams["fer_edge_mqtt_dropped_events"].type == "counter" and value["fer_edge_mqtt_dropped_events"] == 0
+        assert fams["fer_edge_mqtt_reconnects"].type == "counter" and value["fer_edge_mqtt_reconnects"] >= 0
+        assert fams["fer_edge_source_reconnects"].type == "counter"
         assert value["fer_edge_faces_classified"] > 0
         by_type = {s.labels["type"]: s.value for s in fams["fer_edge_events"].samples}
         assert set(by_type) == {"new", "update", "end"} and by_type["new"] >= 1
