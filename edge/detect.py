@@ -246,6 +246,20 @@ YUNET_HINT = (f'set [detect] model_path = "" for the bundled {YUNET_FILE}, point
               'OpenCV Zoo, or use backend = "haar"')
 
 
+YUNET_MIN_OPENCV = (4, 8)  # YuNet's 2023+ ONNX graphs (OpenCV Zoo's note; see face_detection_yunet_*.LICENSE)
+
+
+def _opencv_version() -> tuple[int, ...]:
+    """cv2.__version__ as numbers ("4.6.0" -> (4, 6, 0)); suffixes such as "-dev" are ignored."""
+    parts = []
+    for piece in cv2.__version__.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits[:4]))
+    return tuple(parts)
+
+
 BUNDLED_HINT = 'reinstall fer-edge (the packaged model is damaged) or set [detect] backend = "haar"'
 
 
@@ -267,6 +281,12 @@ def _create_yunet(path: Path, size: tuple[int, int], score_threshold: float, top
         net.detect(np.zeros((size[1], size[0], 3), np.uint8))
     except cv2.error as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if _opencv_version() < YUNET_MIN_OPENCV:
+            # Not a damaged file: Debian's OpenCV 4.6 (the only one on 32-bit Pi OS) fails on every YuNet 2023+.
+            raise DetectorError(f"this OpenCV ({cv2.__version__}) is too old for YuNet {path.name}: it needs OpenCV "
+                                f">= {'.'.join(map(str, YUNET_MIN_OPENCV))} ({msg}); install a newer OpenCV "
+                                "(pip install 'opencv-python-headless>=4.10,<5'; 32-bit Pi OS has none: use the "
+                                '64-bit OS) or set [detect] backend = "haar"') from None
         raise DetectorError(f"YuNet model {path} is corrupt or not a YuNet ONNX model ({msg}): {hint}") from None
     return net
 

@@ -9,6 +9,7 @@ and a real MQTT connection, so a pass means the real thing works.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -221,6 +222,11 @@ def check_detector(detect_cfg) -> tuple[Check, object]:
     what = (f"{det.name}: {det.reason} (detect_width {detect_cfg.detect_width}, min_face {detect_cfg.min_face}"
             + (f", score_threshold {detect_cfg.score_threshold:g})" if det.name == "yunet" else ")"))
     if det.name != detect_cfg.backend:
+        if "is too old for YuNet" in det.reason and platform.machine() in ("armv7l", "armv6l"):
+            # No OpenCV wheel for 32-bit ARM: pip cannot fix it there, the 64-bit OS can.
+            return Check("detector", WARN, what, "install the 64-bit Raspberry Pi OS for YuNet (32-bit has only "
+                                                 "Debian's OpenCV 4.6), or set detect.backend = \"haar\" to keep "
+                                                 "Haar without this warning"), det
         return Check("detector", WARN, what, "pip install 'opencv-python-headless>=4.10,<5' (has "
                                              "cv2.FaceDetectorYN) or reinstall fer-edge"), det
     return Check("detector", OK, what), det

@@ -172,6 +172,31 @@ def test_broken_bundled_model_falls_back_to_haar_with_one_line(tmp_path, caplog)
     assert "\n" not in warnings[0].getMessage()
 
 
+def test_opencv_too_old_for_yunet_says_so_instead_of_calling_the_model_corrupt(monkeypatch, caplog):
+    """32-bit Pi OS: Debian's OpenCV 4.6 cannot run YuNet 2023+ graphs. The bundled file is fine there, so the
+    fallback line must not tell the user to reinstall a 'damaged' package (seen in the armhf userland check)."""
+    import edge.detect as detect
+
+    def old_create(*args, **kwargs):
+        raise cv2.error("OpenCV(4.6.0) net_impl.cpp:280: error: (-204:Requested object was not found) "
+                        "Layer with requested id=-1 not found in function 'getLayerData'")
+
+    monkeypatch.setattr(cv2.FaceDetectorYN, "create", old_create)
+    monkeypatch.setattr(detect.cv2, "__version__", "4.6.0")
+    with caplog.at_level(logging.WARNING, logger="edge.detect"):
+        det = make_detector(DetectConfig())
+    assert det.name == "haar" and "is too old for YuNet" in det.reason and "needs OpenCV >= 4.8" in det.reason
+    assert "corrupt" not in det.reason and "damaged" not in det.reason
+    assert "64-bit OS" in det.reason and 'backend = "haar"' in det.reason
+    from edge.doctor import WARN, check_detector
+
+    monkeypatch.setattr("platform.machine", lambda: "armv7l")  # where pip has no OpenCV to offer
+    check, _ = check_detector(DetectConfig())
+    assert check.status == WARN and "64-bit Raspberry Pi OS" in check.fix and "pip install" not in check.fix
+    monkeypatch.setattr(detect.cv2, "__version__", "4.10.0-dev")  # a new OpenCV failing: the file is the suspect
+    assert "corrupt" in make_detector(DetectConfig()).reason
+
+
 def test_opencv_without_facedetectoryn_falls_back_but_an_explicit_model_is_refused(monkeypatch, tmp_path):
     copy = tmp_path / "yunet.onnx"
     shutil.copy(BUNDLED_YUNET, copy)
