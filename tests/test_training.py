@@ -405,6 +405,13 @@ def test_bf16_training_saves_a_float32_model_that_resumes(dataset, tmp_path):
     row = next(line.split() for line in r.stdout.splitlines() if line.startswith("tiny"))
     assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
     assert keras.mixed_precision.global_policy().name == "float32"
+    # --float32: each architecture also as a float32 model (rows ARCH/f32), timed beside its int8 conversion
+    r = tool([sys.executable, "-m", "training.archbench", "--arch", "tiny", "--float32", "--iters", "5"], cwd=ROOT,
+             capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith("tiny")}
+    assert set(rows) == {"tiny", "tiny/f32"} and rows["tiny"][1] == rows["tiny/f32"][1]  # same parameters
+    assert float(rows["tiny/f32"][2]) > float(rows["tiny"][2])  # float32 weights take about 4x the bytes
 
 
 def test_blurred_training_copy_is_refused(tmp_path):

