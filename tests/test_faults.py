@@ -263,6 +263,14 @@ def bad_config_cases(tmp_path: Path) -> list[tuple[list[str], str, str]]:
     os.mkfifo(fifo)
     big = tmp_path / "big.toml"
     big.write_text("#" * (2 << 20))
+    # Keys naming files: checked at start, not at the first update that needs them.
+    afile = tmp_path / "a-file"
+    afile.write_text("not a directory")
+    notakey = tmp_path / "notakey.pub"
+    notakey.write_text("notakey\n")
+    for key, value in (("update.public_keys", str(notakey)), ("update.public_keys", str(tmp_path / "missing.pub")),
+                       ("device.state_dir", str(afile)), ("update.watch_dir", str(afile))):
+        cases.append((["--set", f"{key}={value}"], key, f"{key} = {value}"))
     cases += [(["-c", "/dev/zero"], "/dev/zero", "a character device"), (["-c", str(fifo)], str(fifo), "a FIFO"),
               (["-c", str(tmp_path)], str(tmp_path), "a directory"), (["-c", str(big)], str(big), "2 MiB file"),
               (["--set", "mqtt.reconnect_min_s=nan"], "mqtt.reconnect_min_s", "--set nan"),
