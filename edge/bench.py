@@ -88,6 +88,8 @@ class BenchOptions:
     detector: str = "yunet"
     detector_model: str = ""  # "" = the bundled YuNet (detector "yunet")
     detect_width: int = 320
+    fine_scale: float = 1.0  # detect.fine_scale: YuNet's fine search (0 = off, the 320 pass alone)
+    fine_tile: int = 256  # detect.fine_tile: its sweep tile (160 costs less and finds fewer far faces)
     model: str = ""  # "" = the bundled model
     compare: str = ""  # second model, run interleaved on the same crops
     flip_average: bool = False  # model.flip_average: each face classified twice (mirrored), as the daemon would
@@ -130,10 +132,20 @@ class BenchOptions:
             raise BenchError(f"--detector: {self.detector!r} is not one of yunet, haar")
         if self.detect_width != 0 and self.detect_width < 64:
             raise BenchError(f"--detect-width: {self.detect_width} is too small; use 0 (full resolution) or >= 64")
+        try:
+            self.detect_config().validate()
+        except ValueError as e:  # "fine_scale: ..." / "fine_tile: ...": the daemon's own bounds
+            raise BenchError(f"--{str(e).replace('_', '-', 1)}") from None
         for label, path in (("--model", self.model), ("--compare", self.compare), ("--detector-model",
                                                                                   self.detector_model)):
             if path and not Path(path).expanduser().is_file():
                 raise BenchError(f"{label}: model file {path} not found")
+
+
+    def detect_config(self, every_n: int = 1) -> DetectConfig:
+        """The daemon's [detect] settings these options stand for."""
+        return DetectConfig(backend=self.detector, model_path=self.detector_model, detect_width=self.detect_width,
+                            fine_scale=self.fine_scale, fine_tile=self.fine_tile, every_n=every_n)
 
 
 @dataclass(frozen=True)
@@ -556,8 +568,7 @@ def measure(opts: BenchOptions, sc: Scenario, path: str, fps: float) -> dict:
     clf, load_ms = load_timed(opts.model, sc.threads, sc.backend)
     other = load_timed(opts.compare, sc.threads, sc.backend)[0] if opts.compare else None
     t0 = time.perf_counter()
-    det = make_detector(DetectConfig(backend=opts.detector, model_path=opts.detector_model,
-                                     detect_width=opts.detect_width, every_n=sc.every_n))
+    det = make_detector(opts.detect_config(sc.every_n))
     out = {"status": "ok", "backend_version": clf.backend, "model_load_ms": load_ms,
            "detector_load_ms": round((time.perf_counter() - t0) * 1e3, 2)}
     capture = capture_times(path, opts.iterations, min(opts.warmup, 5))
@@ -697,6 +708,10 @@ def command_line(opts: BenchOptions) -> str:
         args += ["--detector-model", opts.detector_model]
     if opts.detect_width != d.detect_width:
         args += ["--detect-width", str(opts.detect_width)]
+    if opts.fine_scale != d.fine_scale:
+        args += ["--fine-scale", f"{opts.fine_scale:g}"]
+    if opts.fine_tile != d.fine_tile:
+        args += ["--fine-tile", str(opts.fine_tile)]
     if opts.flip_average:
         args.append("--flip-average")
     for flag, value in (("--model", opts.model), ("--compare", opts.compare)):
@@ -737,8 +752,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = lambda msg: None) 
         raise BenchError(f"--backend: none of {', '.join(opts.backends)} is installed; pip install ai-edge-litert")
     clf, load_ms = load_timed(opts.model, 1, first)
     other = load_timed(opts.compare, 1, first)[0] if opts.compare else None
-    det = make_detector(DetectConfig(backend=opts.detector, model_path=opts.detector_model,
-                                     detect_width=opts.detect_width))
+    det = make_detector(opts.detect_config())
     scenarios = plan(opts)
     results = []
     t0 = time.monotonic()
@@ -764,7 +778,8 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = lambda msg: None) 
         "model": dict(clf.info(), load_ms=load_ms, manifest_name=clf.manifest.get("name"),
                       flip_average=opts.flip_average),
         "compare_model": other.info() if other is not None else None,
-        "detector": {"backend": opts.detector, "detect_width": opts.detect_width,
+        "detector": {"backend": opts.detector, "detect_width": opts.detect_width, "fine_scale": opts.fine_scale,
+                     "fine_tile": opts.fine_tile,
                      "model_path": opts.detector_model or None, "runs": det.name, "reason": det.reason},
         "settings": {"iterations": opts.iterations, "warmup": opts.warmup, "grid": opts.grid,
                      "scene_frames": opts.scene_frames, "seed": opts.seed},

@@ -105,6 +105,8 @@ def test_demo_clip_rescaled():
     (["--faces", "9"], "--faces"),
     (["--resolution", "big"], "--resolution: 'big' is not WIDTHxHEIGHT"),
     (["--backend", "onnx"], "--backend: 'onnx'"),
+    (["--fine-scale", "9"], "--fine-scale: 9.0 out of range"),
+    (["--fine-tile", "20"], "--fine-tile: 20 out of range"),
 ])
 def test_bad_input_is_a_clear_error(args, message):
     r = bench("--quick", *args, timeout=60)
@@ -155,3 +157,19 @@ def test_cpu_features_are_read_from_cpuinfo_and_named_in_the_header(monkeypatch)
         monkeypatch.setattr(bench, "_read", lambda path, text=text: text if path == "/proc/cpuinfo" else "")
         assert bench.cpu_simd() == want
         assert bench.machine_info()["simd"] == want
+
+
+def test_fine_search_settings_reach_the_scenario_and_the_report():
+    """--fine-scale/--fine-tile are detect.fine_scale/fine_tile, so the settings the README suggests for slower
+    boards can be timed: they reach the scenario process (fewer detector calls without the sweep tile) and the
+    report names them."""
+    runs = {}
+    for args in ((), ("--fine-scale", "0")):
+        r = bench("--json", "--quick", "--faces", "0", "--iterations", "8", "--warmup", "1", *args)
+        assert r.returncode == 0, r.stderr
+        runs[args] = json.loads(r.stdout)
+    on, off = runs[()], runs[("--fine-scale", "0")]
+    assert on["detector"]["fine_scale"] == 1.0 and on["detector"]["fine_tile"] == 256
+    assert off["detector"]["fine_scale"] == 0 and "--fine-scale 0" in off["command"]
+    # An empty frame: the 320 pass alone is cheaper than the 320 pass plus a full-resolution tile every frame.
+    assert off["scenarios"][0]["stages"]["detect"]["p50_ms"] < on["scenarios"][0]["stages"]["detect"]["p50_ms"]
