@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -551,6 +552,83 @@ def chromium(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={profile}", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def chromium_evaluate(url: str, expression: str, width: int, height: int, settle_s: float = 4.0,
+                      timeout: float = 60):
+    """Load ``url`` in headless Chromium emulating a phone screen (``width`` x ``height`` CSS pixels, mobile
+    viewport rules) and return the value of the JavaScript ``expression``: the DevTools protocol over
+    --remote-debugging-pipe (file descriptors 3 and 4, NUL-terminated JSON), so no client library is needed."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("headless Chromium not installed (Debian: sudo apt-get install chromium; .ci/run installs it)")
+    to_chrome_r, to_chrome_w = os.pipe()
+    from_chrome_r, from_chrome_w = os.pipe()
+
+    def pipes_as_3_and_4():  # runs in the child before exec; 3 and 4 are then kept open by pass_fds
+        os.dup2(to_chrome_r, 3)
+        os.dup2(from_chrome_w, 4)
+
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                 f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+                                pass_fds=(3, 4), preexec_fn=pipes_as_3_and_4, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        deadline, pending, serial = time.monotonic() + timeout, b"", 0
+
+        def call(method: str, params: dict, session: str | None = None) -> dict:
+            nonlocal pending, serial
+            serial += 1
+            os.write(to_chrome_w, json.dumps({"id": serial, "method": method, "params": params,
+                                              **({"sessionId": session} if session else {})}).encode() + b"\0")
+            while True:
+                while b"\0" not in pending:
+                    left = deadline - time.monotonic()
+                    assert left > 0 and select.select([from_chrome_r], [], [], left)[0], f"Chromium: {method} timed out"
+                    chunk = os.read(from_chrome_r, 65536)
+                    assert chunk, f"Chromium exited during {method}"
+                    pending += chunk
+                raw, pending = pending.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == serial:
+                    assert "error" not in reply, f"{method}: {reply['error']}"
+                    return reply["result"]
+
+        try:
+            target = call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            session = call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 2,
+                                                        "mobile": True}, session)
+            call("Page.navigate", {"url": url}, session)
+            time.sleep(settle_s)  # the page fetches /api/state every second
+            result = call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
+            return result["result"].get("value")
+        finally:
+            proc.kill()
+            proc.wait()
+            os.close(to_chrome_w)
+            os.close(from_chrome_r)
+
+
+def test_page_fits_a_phone_screen(preview_daemon):
+    """Issue 22: the page works on a phone. At 390x844 CSS pixels (a current phone) with mobile viewport rules:
+    the viewport is the phone's width (not the 980 px desktop fallback), nothing is wider than the screen, and the
+    preview, the three faces' score bars and the events are there."""
+    d = preview_daemon
+    d.wait_until(lambda: len(get_json(d.port, "/api/state")["faces"]) == 3, "the three faces in view")
+    layout = json.loads(chromium_evaluate(f"http://127.0.0.1:{d.port}/", """JSON.stringify({
+        inner: innerWidth, scroll: document.documentElement.scrollWidth,
+        widest: Math.max(...[...document.querySelectorAll('body *')].filter(e => !e.closest('.scroll'))
+                         .map(e => e.getBoundingClientRect().right)),
+        preview: document.getElementById('preview').getBoundingClientRect().width,
+        bars: document.querySelectorAll('.bars').length,
+        events: document.querySelectorAll('#events tbody tr').length})""", 390, 844))
+    assert layout["inner"] == 390, layout  # the viewport meta tag works
+    assert layout["scroll"] <= layout["inner"] and layout["widest"] <= layout["inner"] + 0.5, layout
+    assert 200 <= layout["preview"] <= 390 and layout["bars"] == 3 and layout["events"] >= 1, layout
 
 
 def test_page_renders_faces_and_events_in_chromium(preview_daemon, tmp_path):
