@@ -12,6 +12,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -546,7 +547,7 @@ def chromium(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip("headless Chromium not installed (Debian: sudo apt-get install chromium; .ci/run installs it)")
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # helpers may outlive the browser
         # No background networking: this machine's closed network would refuse (and delay) those connections.
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -569,12 +570,13 @@ def chromium_evaluate(url: str, expression: str, width: int, height: int, settle
         os.dup2(to_chrome_r, 3)
         os.dup2(from_chrome_w, 4)
 
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as the browser exits: clean up what is left.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                                  f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
                                 pass_fds=(3, 4), preexec_fn=pipes_as_3_and_4, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, start_new_session=True)
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         deadline, pending, serial = time.monotonic() + timeout, b"", 0
@@ -607,7 +609,15 @@ def chromium_evaluate(url: str, expression: str, width: int, height: int, settle
             result = call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
             return result["result"].get("value")
         finally:
-            proc.kill()
+            try:  # a clean exit first, so that the browser's helpers end with it
+                os.write(to_chrome_w, json.dumps({"id": serial + 1, "method": "Browser.close"}).encode() + b"\0")
+                proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of its process group is left
+            except ProcessLookupError:
+                pass
             proc.wait()
             os.close(to_chrome_w)
             os.close(from_chrome_r)
