@@ -321,7 +321,7 @@ def _connect_bounded(address: tuple[str, int], timeout, source_address, should_s
     def lookup() -> None:
         try:
             found.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
-        except OSError as e:
+        except Exception as e:  # gaierror, or UnicodeError for a name IDNA refuses: the caller raises it
             found.append(e)
         looked_up.set()
 
@@ -329,10 +329,10 @@ def _connect_bounded(address: tuple[str, int], timeout, source_address, should_s
     while not looked_up.wait(0.05):
         if should_stop():
             raise TimeoutError(f"looking up {host} took too long")
-    if isinstance(found[0], OSError):
+    if isinstance(found[0], Exception):
         raise found[0]
     error: OSError = OSError(f"{host}: no address")
-    for family, kind, proto, _, sockaddr in found[0]:
+    for *_, sockaddr in found[0]:
         try:
             return socket.create_connection(sockaddr[:2], timeout, source_address)
         except OSError as e:

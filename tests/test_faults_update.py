@@ -123,6 +123,15 @@ def test_a_hanging_name_lookup_is_bounded_by_the_deadline_and_by_cancel(monkeypa
         release.set()
 
 
+def test_a_host_name_the_resolver_refuses_fails_at_once(tmp_path):
+    """The lookup thread passes on every error, not only OSError: an empty IDNA label raises UnicodeError, which
+    must fail the download now rather than leave it waiting for the deadline."""
+    t0 = time.monotonic()
+    with pytest.raises(Refused, match=r"failed: UnicodeError"):
+        fetch("http://models..example/b.tar", tmp_path / "c", max_bytes=10**6, timeout_s=30)
+    assert time.monotonic() - t0 < 5
+
+
 # --- SIGKILL during installs ------------------------------------------------------------------------------
 
 def _cfg(tmp_path: Path, keys) -> object:
