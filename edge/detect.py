@@ -2,9 +2,12 @@
 
 Two backends:
 
-* ``yunet`` (default) - OpenCV Zoo's YuNet CNN via ``cv2.FaceDetectorYN``, bundled as
-  ``edge/models/face_detection_yunet_2026may.onnx`` (MIT, provenance beside it). Finds more faces than Haar
-  (pose, light, small faces) at a lower cost per frame, and gives five landmarks per face.
+* ``yunet`` (default) - OpenCV Zoo's YuNet CNN, bundled as ``edge/models/face_detection_yunet_2026may.onnx`` (MIT,
+  provenance beside it) and as the same weights exported for LiteRT (``.tflite``, ``quantization.yunet``). The
+  daemon runs the ``.tflite`` through LiteRT/XNNPACK (``edge.detect_litert``; half OpenCV DNN's time, and it needs
+  no OpenCV >= 4.8, which 32-bit Pi OS lacks) and the ``.onnx`` through ``cv2.FaceDetectorYN`` if LiteRT cannot
+  load it. Finds more faces than Haar (pose, light, small faces) at a lower cost per frame, and gives five
+  landmarks per face.
 * ``haar`` - OpenCV's frontal-face Haar cascade shipped inside opencv-python(-headless).
 
 Both detect on a copy of the frame downscaled to ``detect_width`` (detection cost grows with pixel count) and return
@@ -14,8 +17,8 @@ re-detection around known faces, for the small faces the downscaled pass misses.
 raw box implies (``yunet_square``), so ``crop_face`` cuts faces framed like the classifier's training faces.
 
 Which detector runs, and why, is ``Detector.reason``: with ``model_path`` empty the bundled YuNet is used and, if it
-cannot load (an OpenCV without FaceDetectorYN, a damaged package), the daemon logs one line and runs Haar instead
-of refusing to start. A ``model_path`` the user set is a deliberate choice: if that file is missing or broken the
+cannot load through either runtime (a damaged package), the daemon logs one line and runs Haar instead of refusing
+to start. A ``model_path`` the user set is a deliberate choice: if that file is missing or broken the
 config is refused (``DetectConfig.validate``, so ``config --check`` and ``run`` agree) rather than silently
 replaced by Haar.
 """
@@ -40,6 +43,10 @@ BACKENDS = ("yunet", "haar")
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
 BUNDLED_YUNET = Path(__file__).resolve().parent / "models" / YUNET_FILE
+# The same weights for LiteRT (python -m quantization.yunet); tried first, the .onnx is its fallback.
+YUNET_TFLITE_FILE = "face_detection_yunet_2026may.tflite"
+BUNDLED_YUNET_TFLITE = BUNDLED_YUNET.with_name(YUNET_TFLITE_FILE)
+YUNET_SUFFIXES = (".onnx", ".tflite")
 YUNET_MAX_BYTES = 64 * 2**20  # YuNet is ~230 KB; a huge file is a wrong path, not a face detector
 YUNET_MAX_NETS = 4  # input sizes kept loaded: coarse frame, sweep tile, re-detection window, one spare
 
@@ -53,7 +60,7 @@ class DetectConfig:
     """Face detection settings ([detect] section)."""
 
     backend: str = "yunet"  # "yunet" | "haar"
-    model_path: str = ""  # YuNet .onnx file; "" = the bundled face_detection_yunet_2026may.onnx
+    model_path: str = ""  # YuNet .onnx (OpenCV) or .tflite (LiteRT, quantization.yunet); "" = the bundled YuNet
     detect_width: int = 320  # detect on a copy downscaled to this width (keeps aspect); 0 = full resolution
     min_face: int = 48  # smallest face kept: longer box side in source pixels (smaller crops classify poorly)
     max_faces: int = 5  # keep at most this many faces per frame (largest first)
@@ -122,6 +129,7 @@ class Detector:
     def __init__(self, cfg: DetectConfig):
         self.cfg = cfg
         self.reason = ""
+        self.fallback = ""  # why the preferred detector (bundled YuNet through LiteRT) is not the one running
         self.model_path: Optional[str] = None
         self._small: np.ndarray | None = None  # reused resize buffer
 
@@ -242,8 +250,8 @@ class HaarDetector(Detector):
         return [(x, y, w, h, 1.0, None) for (x, y, w, h) in found]
 
 
-YUNET_HINT = (f'set [detect] model_path = "" for the bundled {YUNET_FILE}, point it at a YuNet .onnx from the '
-              'OpenCV Zoo, or use backend = "haar"')
+YUNET_HINT = ('set [detect] model_path = "" for the bundled YuNet, point it at a YuNet .onnx from the OpenCV Zoo '
+              '(or a .tflite made from one by python -m quantization.yunet), or use backend = "haar"')
 
 
 YUNET_MIN_OPENCV = (4, 8)  # YuNet's 2023+ ONNX graphs (OpenCV Zoo's note; see face_detection_yunet_*.LICENSE)
@@ -264,17 +272,25 @@ BUNDLED_HINT = 'reinstall fer-edge (the packaged model is damaged) or set [detec
 
 
 def _create_yunet(path: Path, size: tuple[int, int], score_threshold: float, top_k: int, hint: str = YUNET_HINT):
-    """cv2.FaceDetectorYN for ``path``, checked on one blank frame; DetectorError with the reason otherwise."""
-    if not hasattr(cv2, "FaceDetectorYN"):
-        raise DetectorError(f"this OpenCV ({cv2.__version__}) has no cv2.FaceDetectorYN: "
-                            "pip install 'opencv-python-headless>=4.10,<5'")
+    """A YuNet runner for ``path`` (.tflite: LiteRT, .onnx: cv2.FaceDetectorYN), checked on one blank frame;
+    DetectorError with the reason otherwise. Both have ``detect(bgr)`` and ``setScoreThreshold``."""
+    if path.suffix.lower() not in YUNET_SUFFIXES:
+        raise DetectorError(f"YuNet model must be an .onnx or .tflite file, got {path.name}: {hint}")
     if not path.is_file():
         raise DetectorError(f"YuNet model not found: {path}: {hint}")
-    if path.suffix.lower() != ".onnx":
-        raise DetectorError(f"YuNet model must be an .onnx file, got {path.name}: {hint}")
     n = path.stat().st_size
     if not 0 < n <= YUNET_MAX_BYTES:
         raise DetectorError(f"YuNet model {path} is {n} bytes, not a YuNet model: {hint}")
+    if path.suffix.lower() == ".tflite":
+        from edge.detect_litert import LiteYuNet, LiteYuNetError
+
+        try:
+            return LiteYuNet(path, size, score_threshold, 0.3, top_k)
+        except LiteYuNetError as e:
+            raise DetectorError(f"YuNet model {e}: {hint}") from None
+    if not hasattr(cv2, "FaceDetectorYN"):
+        raise DetectorError(f"this OpenCV ({cv2.__version__}) has no cv2.FaceDetectorYN: "
+                            "pip install 'opencv-python-headless>=4.10,<5'")
     try:
         net = cv2.FaceDetectorYN.create(str(path), "", size, score_threshold, 0.3, top_k)
         # A valid ONNX file that is not YuNet only fails at inference: run one blank frame now.
@@ -308,20 +324,24 @@ def probe_yunet(model_path: str) -> None:
 
 
 class YuNetDetector(Detector):
-    """OpenCV Zoo's YuNet CNN via cv2.FaceDetectorYN; score is the model's face confidence."""
+    """OpenCV Zoo's YuNet CNN (LiteRT for a .tflite, cv2.FaceDetectorYN for an .onnx); score is the model's face
+    confidence."""
 
     name = "yunet"
 
-    def __init__(self, cfg: DetectConfig, top_k: int = 50, path: Path | str | None = None):
+    def __init__(self, cfg: DetectConfig, top_k: int = 50, path: Path | str | None = None, bundled: bool = False):
         super().__init__(cfg)
-        path = Path(path or cfg.model_path or BUNDLED_YUNET).expanduser()
-        hint = BUNDLED_HINT if path == BUNDLED_YUNET and not cfg.model_path else YUNET_HINT
+        path = Path(path or cfg.model_path or BUNDLED_YUNET_TFLITE).expanduser()
+        bundled = bundled or not cfg.model_path
+        hint = BUNDLED_HINT if bundled else YUNET_HINT
         self._path, self._top_k = path, top_k
+        self.runtime = "LiteRT" if path.suffix.lower() == ".tflite" else "OpenCV"
         # One net per input size: the coarse frame, the sweep tile and the re-detection window each keep theirs,
         # because setInputSize on every call re-plans the network and costs about as much as a small detection.
         self._nets = {(320, 320): _create_yunet(path, (320, 320), cfg.score_threshold, top_k, hint)}
         self.model_path = str(path)
-        self.reason = ("bundled " + YUNET_FILE) if path == BUNDLED_YUNET else f"detect.model_path = {path}"
+        self.reason = (f"bundled {path.name} ({self.runtime})" if bundled
+                       else f"detect.model_path = {path} ({self.runtime})")
         self.fine = (FineSearch(cfg.fine_scale, cfg.fine_tile, cfg.max_faces, self._detect_region,
                                 cfg.score_threshold, cfg.min_face) if cfg.fine_scale > 0 else None)
         # With the fine search the nets also return weaker boxes: its proposals for a closer look.
@@ -341,11 +361,9 @@ class YuNetDetector(Detector):
     def _net_for(self, size: tuple[int, int]):
         net = self._nets.get(size)
         if net is None:
-            if len(self._nets) >= YUNET_MAX_NETS:  # sizes keep changing (a resizing source): reuse the oldest
-                net = self._nets.pop(next(iter(self._nets)))
-                net.setInputSize(size)
-            else:
-                net = cv2.FaceDetectorYN.create(str(self._path), "", size, self._net_threshold, 0.3, self._top_k)
+            if len(self._nets) >= YUNET_MAX_NETS:  # sizes keep changing (a resizing source): drop the oldest
+                self._nets.pop(next(iter(self._nets)))
+            net = _create_yunet(self._path, size, self._net_threshold, self._top_k)
             self._nets[size] = net
         return net
 
@@ -375,8 +393,9 @@ def yunet_square(x: float, y: float, w: float, h: float) -> tuple[float, float, 
 def make_detector(cfg: DetectConfig, bundled: Path | None = None) -> Detector:
     """Build the detector named by ``cfg.backend``; raises DetectorError with an actionable message.
 
-    With backend "yunet" and no model_path, a bundled model that cannot load falls back to Haar (one warning,
-    ``reason`` says why). ``bundled`` replaces the packaged model file (tests).
+    With backend "yunet" and no model_path, the bundled .tflite runs through LiteRT; if it cannot load, the bundled
+    .onnx through OpenCV; if neither can, Haar. Each fallback logs one warning and ``reason`` says why.
+    ``bundled`` replaces the packaged model files (tests): an .onnx, .tflite, or a list of them tried in order.
     """
     try:
         cfg.validate()
@@ -386,10 +405,25 @@ def make_detector(cfg: DetectConfig, bundled: Path | None = None) -> Detector:
         return HaarDetector(cfg)
     if cfg.model_path:
         return YuNetDetector(cfg)
-    try:
-        return YuNetDetector(cfg, path=bundled or BUNDLED_YUNET)
-    except DetectorError as e:
-        log.warning("detector: bundled YuNet unavailable, falling back to Haar: %s", e)
-        det = HaarDetector(cfg)
-        det.reason = f"fallback from YuNet: {e}"
+    if bundled is None:
+        candidates = [BUNDLED_YUNET_TFLITE, BUNDLED_YUNET]
+    else:
+        candidates = list(bundled) if isinstance(bundled, (list, tuple)) else [bundled]
+    failed = []
+    for path in candidates:
+        try:
+            det = YuNetDetector(cfg, path=path, bundled=True)
+        except DetectorError as e:
+            failed.append(str(e))
+            continue
+        if failed:
+            det.fallback = " ".join(failed)
+            det.reason += f"; {det.fallback}"
+            log.warning("detector: running the bundled YuNet through %s: %s", det.runtime, " ".join(failed))
         return det
+    why = " ".join(failed)
+    log.warning("detector: bundled YuNet unavailable, falling back to Haar: %s", why)
+    det = HaarDetector(cfg)
+    det.reason = f"fallback from YuNet: {why}"
+    det.fallback = why
+    return det

@@ -209,8 +209,8 @@ def model_quality(manifest: dict) -> str:
 def check_detector(detect_cfg) -> tuple[Check, object]:
     """Build the face detector the daemon would run; returns (check, detector or None).
 
-    WARN when the bundled YuNet could not load and the daemon would fall back to Haar (it still runs, but finds
-    fewer faces); the line always says which detector runs and why.
+    WARN when the bundled YuNet could not load through LiteRT and the daemon would fall back to OpenCV's runtime
+    (slower) or to Haar (finds fewer faces); the line always says which detector runs and why.
     """
     from edge.detect import DetectorError, make_detector
 
@@ -227,8 +227,12 @@ def check_detector(detect_cfg) -> tuple[Check, object]:
             return Check("detector", WARN, what, "install the 64-bit Raspberry Pi OS for YuNet (32-bit has only "
                                                  "Debian's OpenCV 4.6), or set detect.backend = \"haar\" to keep "
                                                  "Haar without this warning"), det
-        return Check("detector", WARN, what, "pip install 'opencv-python-headless>=4.10,<5' (has "
-                                             "cv2.FaceDetectorYN) or reinstall fer-edge"), det
+        return Check("detector", WARN, what, "reinstall fer-edge (its bundled YuNet .tflite/.onnx) and check that "
+                                             "LiteRT loads (pip install ai-edge-litert), or pip install "
+                                             "'opencv-python-headless>=4.10,<5' for the .onnx"), det
+    if det.fallback:
+        return Check("detector", WARN, what, "reinstall fer-edge: its bundled YuNet .tflite did not load, so YuNet "
+                                             "runs through OpenCV at about twice the cost"), det
     return Check("detector", OK, what), det
 
 

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.detect import (BUNDLED_YUNET, Box, DetectConfig, DetectorError, HaarDetector, YuNetDetector,
-                         make_detector)
+from edge.detect import (BUNDLED_YUNET, BUNDLED_YUNET_TFLITE, Box, DetectConfig, DetectorError, HaarDetector,
+                         YuNetDetector, make_detector)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -129,10 +129,17 @@ def test_yunet_bad_model_paths(tmp_path):
     garbage = _garbage(tmp_path / "broken.onnx")
     with pytest.raises(DetectorError, match="corrupt or not a YuNet ONNX model"):
         YuNetDetector(DetectConfig(backend="yunet", model_path=str(garbage)))
-    wrong = tmp_path / "model.tflite"
-    wrong.write_bytes(b"TFL3")
-    with pytest.raises(DetectorError, match="must be an .onnx file"):
+    broken = tmp_path / "model.tflite"
+    broken.write_bytes(b"TFL3")
+    with pytest.raises(DetectorError, match="not a loadable LiteRT model"):
+        make_detector(DetectConfig(backend="yunet", model_path=str(broken)))
+    wrong = tmp_path / "model.pb"
+    wrong.write_bytes(b"\x00" * 64)
+    with pytest.raises(DetectorError, match="must be an .onnx or .tflite file"):
         make_detector(DetectConfig(backend="yunet", model_path=str(wrong)))
+    classifier = REPO / "edge" / "models" / "fer_emotion_small.tflite"  # a real .tflite, not a face detector
+    with pytest.raises(DetectorError, match="not the exported YuNet"):
+        make_detector(DetectConfig(backend="yunet", model_path=str(classifier)))
 
 
 def test_default_is_the_bundled_yunet_with_landmarks():
@@ -140,8 +147,8 @@ def test_default_is_the_bundled_yunet_with_landmarks():
     assert cfg.backend == "yunet" and cfg.model_path == ""
     det = make_detector(cfg)
     assert isinstance(det, YuNetDetector) and det.name == "yunet"
-    assert Path(det.model_path) == BUNDLED_YUNET and BUNDLED_YUNET.is_file()
-    assert det.reason == "bundled face_detection_yunet_2026may.onnx"
+    assert Path(det.model_path) == BUNDLED_YUNET_TFLITE and BUNDLED_YUNET.is_file()
+    assert det.reason == "bundled face_detection_yunet_2026may.tflite (LiteRT)" and not det.fallback
     clip = cv2.VideoCapture(str(DEMO_JSON.parent / "demo.mp4"))
     clip.set(cv2.CAP_PROP_POS_FRAMES, 60)
     ok, frame = clip.read()
@@ -156,25 +163,64 @@ def test_default_is_the_bundled_yunet_with_landmarks():
         assert rex < lex and rmx < lmx and max(rey, ley) < ny < min(rmy, lmy)
 
 
+def test_litert_yunet_finds_what_opencv_yunet_finds():
+    """The bundled .tflite (LiteRT) is the bundled .onnx (OpenCV) in another runtime: the same boxes, landmarks and
+    scores on the demo clip, at every input size the fine search uses."""
+    lite = YuNetDetector(DetectConfig(), path=BUNDLED_YUNET_TFLITE, bundled=True)
+    ocv = YuNetDetector(DetectConfig(), path=BUNDLED_YUNET, bundled=True)
+    assert (lite.runtime, ocv.runtime) == ("LiteRT", "OpenCV")
+    clip = cv2.VideoCapture(str(DEMO_JSON.parent / "demo.mp4"))
+    compared = 0
+    for f in range(0, 300, 15):
+        clip.set(cv2.CAP_PROP_POS_FRAMES, f)
+        ok, frame = clip.read()
+        if not ok:
+            break
+        for size in ((320, 240), (256, 256), (144, 144)):
+            small = cv2.resize(frame, size)
+            a, b = ocv._detect_small(small, 1.0), lite._detect_small(small, 1.0)
+            assert len(a) == len(b), (f, size)
+            for fa, fb in zip(sorted(a, key=lambda r: r[0]), sorted(b, key=lambda r: r[0])):
+                assert np.allclose(fa[:4], fb[:4], atol=0.05) and abs(fa[4] - fb[4]) < 1e-3
+                assert np.allclose(fa[5], fb[5], atol=0.05)
+                compared += 1
+    clip.release()
+    assert compared >= 20
+
+
 def test_haar_has_no_landmarks_and_says_why_it_runs():
     det = make_detector(DetectConfig(backend="haar"))
     assert det.name == "haar" and det.reason == 'detect.backend = "haar"'
 
 
 def test_broken_bundled_model_falls_back_to_haar_with_one_line(tmp_path, caplog):
-    garbage = _garbage(tmp_path / "face_detection_yunet_2026may.onnx")
+    garbage = [_garbage(tmp_path / "face_detection_yunet_2026may.tflite"),
+               _garbage(tmp_path / "face_detection_yunet_2026may.onnx")]
     with caplog.at_level(logging.WARNING, logger="edge.detect"):
         det = make_detector(DetectConfig(), bundled=garbage)
     assert isinstance(det, HaarDetector) and det.name == "haar"
     assert det.reason.startswith("fallback from YuNet: ") and "corrupt" in det.reason
+    assert "not a loadable LiteRT model" in det.reason
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "falling back to Haar" in warnings[0].getMessage()
     assert "\n" not in warnings[0].getMessage()
 
 
-def test_opencv_too_old_for_yunet_says_so_instead_of_calling_the_model_corrupt(monkeypatch, caplog):
-    """32-bit Pi OS: Debian's OpenCV 4.6 cannot run YuNet 2023+ graphs. The bundled file is fine there, so the
-    fallback line must not tell the user to reinstall a 'damaged' package (seen in the armhf userland check)."""
+def test_broken_bundled_tflite_runs_the_onnx_through_opencv_with_one_line(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="edge.detect"):
+        det = make_detector(DetectConfig(), bundled=[_garbage(tmp_path / "yunet.tflite"), BUNDLED_YUNET])
+    assert det.name == "yunet" and det.runtime == "OpenCV" and Path(det.model_path) == BUNDLED_YUNET
+    assert det.reason.startswith("bundled face_detection_yunet_2026may.onnx (OpenCV); ")
+    assert "not a loadable LiteRT model" in det.fallback
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "through OpenCV" in warnings[0].getMessage()
+    assert det.detect(np.zeros((480, 640, 3), np.uint8)) == []
+
+
+def test_opencv_too_old_for_yunet_says_so_instead_of_calling_the_model_corrupt(monkeypatch, caplog, tmp_path):
+    """32-bit Pi OS: Debian's OpenCV 4.6 cannot run YuNet 2023+ graphs. LiteRT runs the bundled .tflite there; where
+    only the .onnx is left, the fallback line must not tell the user to reinstall a 'damaged' package (seen in the
+    armhf userland check)."""
     import edge.detect as detect
 
     def old_create(*args, **kwargs):
@@ -183,28 +229,50 @@ def test_opencv_too_old_for_yunet_says_so_instead_of_calling_the_model_corrupt(m
 
     monkeypatch.setattr(cv2.FaceDetectorYN, "create", old_create)
     monkeypatch.setattr(detect.cv2, "__version__", "4.6.0")
+    det = make_detector(DetectConfig())
+    assert det.name == "yunet" and det.runtime == "LiteRT" and not det.fallback  # OpenCV's age does not matter
+    assert len(det.detect(_demo_frame())) == 2
+    with pytest.raises(DetectorError, match="is too old for YuNet"):
+        make_detector(DetectConfig(model_path=str(BUNDLED_YUNET)))
+    # Without a LiteRT model (here: a missing one) only OpenCV's runtime is left.
+    monkeypatch.setattr(detect, "BUNDLED_YUNET_TFLITE", tmp_path / "absent.tflite")
     with caplog.at_level(logging.WARNING, logger="edge.detect"):
-        det = make_detector(DetectConfig())
+        det = make_detector(DetectConfig(), bundled=BUNDLED_YUNET)
     assert det.name == "haar" and "is too old for YuNet" in det.reason and "needs OpenCV >= 4.8" in det.reason
     assert "corrupt" not in det.reason and "damaged" not in det.reason
     assert "64-bit OS" in det.reason and 'backend = "haar"' in det.reason
     from edge.doctor import WARN, check_detector
 
     monkeypatch.setattr("platform.machine", lambda: "armv7l")  # where pip has no OpenCV to offer
-    check, _ = check_detector(DetectConfig())
+    check, _ = check_detector(DetectConfig())  # both bundled files: the missing .tflite, then the .onnx
     assert check.status == WARN and "64-bit Raspberry Pi OS" in check.fix and "pip install" not in check.fix
     monkeypatch.setattr(detect.cv2, "__version__", "4.10.0-dev")  # a new OpenCV failing: the file is the suspect
-    assert "corrupt" in make_detector(DetectConfig()).reason
+    assert "corrupt" in make_detector(DetectConfig(), bundled=BUNDLED_YUNET).reason
 
 
-def test_opencv_without_facedetectoryn_falls_back_but_an_explicit_model_is_refused(monkeypatch, tmp_path):
+def _demo_frame(index: int = 60) -> np.ndarray:
+    clip = cv2.VideoCapture(str(DEMO_JSON.parent / "demo.mp4"))
+    clip.set(cv2.CAP_PROP_POS_FRAMES, index)
+    ok, frame = clip.read()
+    clip.release()
+    assert ok
+    return frame
+
+
+def test_opencv_without_facedetectoryn_runs_litert_but_an_explicit_onnx_is_refused(monkeypatch, tmp_path):
     copy = tmp_path / "yunet.onnx"
     shutil.copy(BUNDLED_YUNET, copy)
+    lite_copy = tmp_path / "yunet.tflite"
+    shutil.copy(BUNDLED_YUNET_TFLITE, lite_copy)
     monkeypatch.delattr(cv2, "FaceDetectorYN")
     det = make_detector(DetectConfig())
+    assert det.name == "yunet" and det.runtime == "LiteRT"
+    det = make_detector(DetectConfig(), bundled=BUNDLED_YUNET)
     assert det.name == "haar" and "has no cv2.FaceDetectorYN" in det.reason
     with pytest.raises(DetectorError, match="^model_path: .*has no cv2.FaceDetectorYN"):
         make_detector(DetectConfig(model_path=str(copy)))
+    det = make_detector(DetectConfig(model_path=str(lite_copy)))
+    assert det.reason == f"detect.model_path = {lite_copy} (LiteRT)" and len(det.detect(_demo_frame())) == 2
 
 
 def test_explicit_model_path_is_checked_by_validate(tmp_path):
@@ -212,8 +280,9 @@ def test_explicit_model_path_is_checked_by_validate(tmp_path):
     copy = tmp_path / "yunet.onnx"
     shutil.copy(BUNDLED_YUNET, copy)
     DetectConfig(model_path=str(copy)).validate()
-    assert make_detector(DetectConfig(model_path=str(copy))).reason == f"detect.model_path = {copy}"
-    for bad, why in ((tmp_path / "missing.onnx", "not found"), (_garbage(tmp_path / "bad.onnx"), "corrupt")):
+    assert make_detector(DetectConfig(model_path=str(copy))).reason == f"detect.model_path = {copy} (OpenCV)"
+    for bad, why in ((tmp_path / "missing.onnx", "not found"), (_garbage(tmp_path / "bad.onnx"), "corrupt"),
+                     (_garbage(tmp_path / "bad.tflite"), "not a loadable LiteRT model")):
         with pytest.raises(ValueError, match=f"^model_path: .*{why}"):
             DetectConfig(model_path=str(bad)).validate()
     DetectConfig(backend="haar", model_path=str(tmp_path / "missing.onnx")).validate()  # unused by haar
@@ -246,7 +315,7 @@ def test_yunet_loads_from_a_fresh_clone_without_shared(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(clone)})
     assert r.returncode == 0, r.stderr
     name, path = r.stdout.split()
-    assert name == "yunet" and Path(path) == clone / "edge" / "models" / "face_detection_yunet_2026may.onnx"
+    assert name == "yunet" and Path(path) == clone / "edge" / "models" / "face_detection_yunet_2026may.tflite"
 
 
 @pytest.mark.parametrize("field,value", [("backend", "hog"), ("detect_width", 10), ("min_face", 0), ("max_faces", 0),
@@ -281,14 +350,20 @@ def test_demo_clip_matches_ground_truth(backend):
     assert total > 40 and hits / total >= 0.9
 
 
-def test_doctor_says_which_detector_runs_and_warns_on_fallback(monkeypatch):
+def test_doctor_says_which_detector_runs_and_warns_on_fallback(monkeypatch, tmp_path):
     from edge.doctor import FAIL, OK, WARN, check_detector
 
     check, det = check_detector(DetectConfig())
     assert check.status == OK and det.name == "yunet"
-    assert "yunet: bundled face_detection_yunet_2026may.onnx" in check.line()
+    assert "yunet: bundled face_detection_yunet_2026may.tflite (LiteRT)" in check.line()
     check, _ = check_detector(DetectConfig(backend="haar"))
     assert check.status == OK and 'haar: detect.backend = "haar"' in check.line()
+    import edge.detect
+
+    monkeypatch.setattr(edge.detect, "BUNDLED_YUNET_TFLITE", _garbage(tmp_path / "face_detection_yunet.tflite"))
+    check, det = check_detector(DetectConfig())
+    assert check.status == WARN and det.name == "yunet" and det.runtime == "OpenCV"
+    assert "not a loadable LiteRT model" in check.line() and "reinstall fer-edge" in check.fix
     monkeypatch.delattr(cv2, "FaceDetectorYN")
     check, det = check_detector(DetectConfig())
     assert check.status == WARN and det.name == "haar"
@@ -304,6 +379,8 @@ def test_daemon_with_a_broken_bundled_yunet_runs_haar_and_says_why(tmp_path, mon
     from edge.service import Service
 
     monkeypatch.setattr(edge.detect, "BUNDLED_YUNET", _garbage(tmp_path / "face_detection_yunet_2026may.onnx"))
+    monkeypatch.setattr(edge.detect, "BUNDLED_YUNET_TFLITE",
+                        _garbage(tmp_path / "face_detection_yunet_2026may.tflite"))
     events: list[dict] = []
     cfg = load_config(None, overrides={"source.kind": "demo", "source.realtime": "false", "mqtt.enabled": "false",
                                        "service.max_frames": "40", "device.state_dir": str(tmp_path)}, env={})
