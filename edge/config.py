@@ -413,7 +413,8 @@ def _parse_list(key: str, text: str) -> list:
             return tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(key, f"invalid list {text!r}: {e}") from None
-    return [part.strip() for part in text.split(",") if part.strip()]
+    # "0,30,-30" from --set or the environment: each item is parsed as its key's type, like a scalar's raw text.
+    return [_RawString(part.strip()) for part in text.split(",") if part.strip()]
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +48,7 @@ YUNET_TFLITE_FILE = "face_detection_yunet_2026may.tflite"
 BUNDLED_YUNET_TFLITE = BUNDLED_YUNET.with_name(YUNET_TFLITE_FILE)
 YUNET_SUFFIXES = (".onnx", ".tflite")
 YUNET_MAX_BYTES = 64 * 2**20  # YuNet is ~230 KB; a huge file is a wrong path, not a face detector
+MAX_FINE_ANGLES = 6  # each roll adds a full sweep: more would leave a tile unvisited for seconds
 YUNET_MAX_NETS = 4  # input sizes kept loaded: coarse frame, sweep tile, re-detection window, one spare
 
 
@@ -71,6 +72,10 @@ class DetectConfig:
     # tile searched per frame, in detector input pixels (0 = no sweep, re-detect known faces only).
     fine_scale: float = 1.0
     fine_tile: int = 256
+    # Rolls (degrees) at which the sweep searches each tile in turn, a full sweep per roll: faces tilted by about
+    # these angles (a head on a shoulder or a pillow) are found turned upright, and then looked for again at their
+    # roll. [0] = upright only.
+    fine_angles: list[float] = field(default_factory=lambda: [0.0, 30.0, -30.0])
 
     def validate(self) -> None:
         """Raise ValueError("<field>: ...") for values the daemon would refuse, including an unusable model_path."""
@@ -91,6 +96,10 @@ class DetectConfig:
                              "resolution)")
         if self.fine_tile != 0 and not 64 <= self.fine_tile <= 2048:
             raise ValueError(f"fine_tile: {self.fine_tile} out of range; use 0 (no sweep) or 64..2048 pixels")
+        angles = list(self.fine_angles)
+        if not 1 <= len(angles) <= MAX_FINE_ANGLES or any(not -90.0 <= float(a) <= 90.0 for a in angles):
+            raise ValueError(f"fine_angles: {angles} must be 1..{MAX_FINE_ANGLES} rolls of -90..90 degrees "
+                             "(e.g. [0, 30, -30]; [0] = upright only)")
         if self.backend == "yunet" and self.model_path:
             try:
                 probe_yunet(self.model_path)
@@ -110,6 +119,9 @@ class Box:
     # (right eye, left eye, nose tip, right mouth corner, left mouth corner) as ((x, y), ...) in source pixels,
     # "right" meaning the person's right (the image's left); None when the backend gives none (Haar).
     landmarks: Optional[tuple] = None
+    # The roll (degrees, cv2.getRotationMatrix2D's sense) at which the detector found the face: a face found only
+    # in a rotated search is looked for again at that roll (edge.detect_fine).
+    angle: float = 0.0
 
     @property
     def area(self) -> int:
@@ -173,22 +185,39 @@ class Detector:
         return boxes
 
     def _detect_region(self, image: np.ndarray, rect: tuple[int, int, int, int], scale: float,
-                       pad_to: int = 0) -> list[Box]:
+                       pad_to: int = 0, angle: float = 0.0) -> list[Box]:
         """Run the backend on source rectangle ``rect`` (x0, y0, x1, y1) resized by ``scale`` (and padded with gray
-        to a ``pad_to`` square, so every call has the same input size); source-pixel Boxes."""
+        to a ``pad_to`` square, so every call has the same input size), rotated by ``angle`` degrees about its
+        centre (a face rolled by -angle is upright there); source-pixel Boxes, axis-aligned, of the same side."""
         x0, y0, x1, y1 = rect
         region = image[y0:y1, x0:x1]
         if scale != 1.0:
             size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
             region = cv2.resize(region, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        rh, rw = region.shape[:2]
         if pad_to:
             canvas = np.full((pad_to, pad_to, 3), 128, np.uint8)
-            rh, rw = min(pad_to, region.shape[0]), min(pad_to, region.shape[1])
+            rh, rw = min(pad_to, rh), min(pad_to, rw)
             canvas[:rh, :rw] = region[:rh, :rw]
             region = canvas
         else:
             region = np.ascontiguousarray(region)
-        return self._to_source(self._detect_small(region, scale), scale, (x0, y0), image.shape)
+        if not angle:
+            return self._to_source(self._detect_small(region, scale), scale, (x0, y0), image.shape)
+        turn = cv2.getRotationMatrix2D((rw / 2.0, rh / 2.0), angle, 1.0)
+        region = cv2.warpAffine(region, turn, (region.shape[1], region.shape[0]), borderValue=(128, 128, 128))
+        back = cv2.invertAffineTransform(turn)
+        found = []
+        for x, y, w, h, score, marks in self._detect_small(region, scale):
+            cx, cy = back @ (x + w / 2.0, y + h / 2.0, 1.0)
+            if marks is not None:
+                pts = np.asarray(marks, np.float64).reshape(5, 2)
+                marks = (np.column_stack([pts, np.ones(5)]) @ back.T).reshape(-1)
+            found.append((cx - w / 2.0, cy - h / 2.0, w, h, score, marks))
+        boxes = self._to_source(found, scale, (x0, y0), image.shape)
+        for b in boxes:
+            b.angle = angle
+        return boxes
 
     def _refine(self, image: np.ndarray, boxes: list[Box]) -> list[Box]:
         """Hook for a backend's extra passes over the frame (YuNet's fine search); the coarse boxes by default."""
@@ -343,7 +372,7 @@ class YuNetDetector(Detector):
         self.reason = (f"bundled {path.name} ({self.runtime})" if bundled
                        else f"detect.model_path = {path} ({self.runtime})")
         self.fine = (FineSearch(cfg.fine_scale, cfg.fine_tile, cfg.max_faces, self._detect_region,
-                                cfg.score_threshold, cfg.min_face) if cfg.fine_scale > 0 else None)
+                                cfg.score_threshold, cfg.min_face, cfg.fine_angles) if cfg.fine_scale > 0 else None)
         # With the fine search the nets also return weaker boxes: its proposals for a closer look.
         self._net_threshold = min(cfg.score_threshold, PROPOSAL_SCORE) if self.fine is not None else cfg.score_threshold
         self._nets[(320, 320)].setScoreThreshold(self._net_threshold)

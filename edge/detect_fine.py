@@ -92,18 +92,20 @@ def merge(boxes: list) -> list:
 class FineSearch:
     """Per-detector state of the fine search; ``search`` is called once per frame after the coarse pass.
 
-    ``detect_region(image, (x0, y0, x1, y1), scale, pad_to)`` runs the detector on that source rectangle resized
+    ``detect_region(image, (x0, y0, x1, y1), scale, pad_to, angle)`` runs the detector on that source rectangle resized
     by ``scale`` (padded to a ``pad_to`` square: one input size per pass) and returns Boxes in source pixels
     (edge.detect.Detector._detect_region).
     """
 
     def __init__(self, fine_scale: float, fine_tile: int, max_faces: int,
-                 detect_region: Callable[..., list], threshold: float = 0.6, min_face: int = 1):
+                 detect_region: Callable[..., list], threshold: float = 0.6, min_face: int = 1,
+                 angles=(0.0,)):
         self.scale = fine_scale
         self.tile_px = fine_tile
         self.max_faces = max_faces
         self.threshold = threshold
         self.min_face = min_face
+        self.angles = tuple(float(a) for a in angles) or (0.0,)
         self._detect_region = detect_region
         self._seen: list[_Seen] = []
         self._proposals: list = []
@@ -111,10 +113,12 @@ class FineSearch:
         self._tiles: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
         self.calls = 0  # detector calls made by the fine search (tests, diagnostics)
 
-    def tiles_for(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    def tiles_for(self, width: int, height: int) -> list[tuple[tuple[int, int, int, int], float]]:
+        """The sweep's schedule: (tile, roll) pairs, every tile at the first roll, then at the next."""
         key = (width, height)
         if key not in self._tiles:
-            self._tiles = {key: tiles(width, height, self.tile_px / self.scale) if self.tile_px else []}
+            grid = tiles(width, height, self.tile_px / self.scale) if self.tile_px else []
+            self._tiles = {key: [(t, a) for a in self.angles for t in grid]}
         return self._tiles[key]
 
     def search(self, image, coarse: list, proposals: list = ()) -> list:
@@ -132,14 +136,15 @@ class FineSearch:
             rect = (max(0, int(cx - side / 2)), max(0, int(cy - side / 2)), min(w, int(math.ceil(cx + side / 2))),
                     min(h, int(math.ceil(cy + side / 2))))
             if min(rect[2] - rect[0], rect[3] - rect[1]) * scale >= MIN_REGION_PX:
-                found += [d for d in self._detect_region(image, rect, scale, ROI_INPUT) if d.score >= self.threshold]
+                found += [d for d in self._detect_region(image, rect, scale, ROI_INPUT, getattr(b, "angle", 0.0))
+                      if d.score >= self.threshold]
                 self.calls += 1
         weak = list(proposals)
         grid = self.tiles_for(w, h)
         if grid:
-            rect = grid[self._next_tile % len(grid)]
+            rect, angle = grid[self._next_tile % len(grid)]
             self._next_tile = (self._next_tile + 1) % len(grid)
-            for d in self._detect_region(image, rect, self.scale, self.tile_px):
+            for d in self._detect_region(image, rect, self.scale, self.tile_px, angle):
                 (found if d.score >= self.threshold else weak).append(d)
             self.calls += 1
         found = merge(found)

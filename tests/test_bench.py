@@ -47,7 +47,7 @@ def test_report_structure_and_every_stage_timed(compare_report):
     assert rep["command"].startswith("fer-edge bench ")
     # A fresh install benchmarks what it runs: the bundled YuNet, with no --detector-model.
     assert rep["detector"]["backend"] == "yunet" and rep["detector"]["runs"] == "yunet"
-    assert rep["detector"]["reason"] == "bundled face_detection_yunet_2026may.onnx"
+    assert rep["detector"]["reason"] == "bundled face_detection_yunet_2026may.tflite (LiteRT)"
     assert rep["detector"]["model_path"] is None
     assert "publish_event" in rep["publish_measures"]
     [sc] = rep["scenarios"]

@@ -109,6 +109,10 @@ def test_string_values_are_coerced_to_field_types():
     assert cfg.mqtt.keepalive == 45 and cfg.track.iou_threshold == 0.5
     assert cfg.source.fps == 15.0 and isinstance(cfg.source.fps, float)
     assert cfg.device.id == "pi-7"
+    for text in ("0, 20,-20", "[0, 20, -20]"):  # a list key from --set or the environment, both spellings
+        assert load_config(None, {"detect.fine_angles": text}, env={}).detect.fine_angles == [0.0, 20.0, -20.0]
+    with pytest.raises(ConfigError, match=r"detect\.fine_angles\[1\]: must be a number"):
+        load_config(None, {"detect.fine_angles": "0,x"}, env={})
 
 
 def test_toml_int_accepted_for_float_field(tmp_path):

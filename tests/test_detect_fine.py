@@ -7,6 +7,8 @@ the detector is the bundled YuNet.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ import pytest
 from edge.bench import demo_faces
 from edge.detect import Box, DetectConfig, make_detector
 from edge.detect_fine import MERGE_IOU, TILE_OVERLAP, FineSearch, iou, merge, tiles
+
+DEMO_CLIP = Path(__file__).resolve().parents[1] / "edge" / "data" / "demo.mp4"
 
 
 @pytest.mark.parametrize("width,height,side", [(640, 480, 256), (640, 480, 170.7), (1280, 720, 256),
@@ -37,6 +41,8 @@ def test_a_face_only_the_sweep_finds_can_still_be_confirmed_at_the_default_setti
     # A face the 320 pass cannot see is found when the sweep's tile passes over it; the tracker drops a tentative
     # track unseen for track.max_missed_s, so the sweep must come back within that time at a camera's 10 fps or
     # such a face never gathers track.min_hits (the scene benchmark's 150-scene set lost 14 faces that way).
+    # With several fine_angles each roll's sweep is one such pass; the same tile comes back at the same roll only
+    # after all of them, and the re-detection window at the face's roll carries it in between.
     from edge.track import TrackConfig
 
     cfg, fps = DetectConfig(), 10.0
@@ -107,7 +113,7 @@ def test_a_face_that_leaves_stops_costing_re_detections():
     faces = demo_faces()
     img = np.full((480, 640, 3), 128, np.uint8)
     img[100:260, 100:260] = cv2.resize(faces[0], (160, 160), interpolation=cv2.INTER_CUBIC)[..., None]
-    fine = FineSearch(1.0, 0, 5, lambda image, rect, scale, pad_to=0: [])  # no sweep, a detector that finds nothing
+    fine = FineSearch(1.0, 0, 5, lambda image, rect, scale, pad_to=0, angle=0.0: [])  # no sweep, a detector that finds nothing
     fine.remember([Box(100, 100, 160, 160)])
     calls = []
     for _ in range(5):
@@ -118,7 +124,8 @@ def test_a_face_that_leaves_stops_costing_re_detections():
 
 
 @pytest.mark.parametrize("field,value", [("fine_scale", 0.2), ("fine_scale", 4.5), ("fine_scale", -1.0),
-                                         ("fine_tile", 63), ("fine_tile", 2049), ("fine_tile", -1)])
+                                         ("fine_tile", 63), ("fine_tile", 2049), ("fine_tile", -1),
+                                         ("fine_angles", []), ("fine_angles", [0.0, 95.0]), ("fine_angles", [0.0] * 7)])
 def test_fine_settings_are_bounded(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
         DetectConfig(**{field: value}).validate()
@@ -129,7 +136,7 @@ def test_a_weak_coarse_box_gets_a_closer_look_on_the_next_frame():
     img = np.full((480, 640, 3), 128, np.uint8)
     looked = []
 
-    def region(image, rect, scale, pad_to=0):  # finds a sure face in any window it is shown
+    def region(image, rect, scale, pad_to=0, angle=0.0):  # finds a sure face in any window it is shown
         looked.append((rect, scale))
         x0, y0, x1, y1 = rect
         return [Box((x0 + x1) // 2 - 25, (y0 + y1) // 2 - 25, 50, 50, 0.9)]
@@ -144,3 +151,37 @@ def test_a_weak_coarse_box_gets_a_closer_look_on_the_next_frame():
     fine.search(img, [], [Box(300, 200, 20, 20, 0.4)])  # far below min_face: no closer look
     fine.search(img, [], [])
     assert looked == []
+
+
+def test_a_rotated_search_maps_rolled_faces_back_to_where_they_are():
+    """_detect_region(..., angle) searches a region turned upright by ``angle``: the boxes it returns are where the
+    rolled faces are in the frame (the same centres and sides as the upright faces turned with the frame)."""
+    clip = cv2.VideoCapture(str(DEMO_CLIP))
+    clip.set(cv2.CAP_PROP_POS_FRAMES, 60)
+    ok, frame = clip.read()
+    clip.release()
+    assert ok
+    det = make_detector(DetectConfig(fine_scale=0, detect_width=0, min_face=1))
+    h, w = frame.shape[:2]
+    upright = det.detect(frame)
+    assert len(upright) == 2
+    turn = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), -40.0, 1.0)  # the faces rolled by 40 degrees
+    rolled = cv2.warpAffine(frame, turn, (w, h), borderValue=(128, 128, 128))
+    found = det._detect_region(rolled, (0, 0, w, h), 1.0, 0, angle=40.0)
+    assert len(found) == 2 and all(b.angle == 40.0 for b in found)
+    for u in upright:
+        cx, cy = turn @ (u.x + u.w / 2.0, u.y + u.h / 2.0, 1.0)
+        b = min(found, key=lambda b: abs(b.x + b.w / 2.0 - cx) + abs(b.y + b.h / 2.0 - cy))
+        assert abs(b.x + b.w / 2.0 - cx) < 0.1 * u.w and abs(b.y + b.h / 2.0 - cy) < 0.1 * u.w
+        assert abs(b.w - u.w) < 0.15 * u.w
+        for (lx, ly), (ux, uy) in zip(b.landmarks, u.landmarks):  # landmarks turn with the face
+            tx, ty = turn @ (ux, uy, 1.0)
+            assert abs(lx - tx) < 0.1 * u.w and abs(ly - ty) < 0.1 * u.w
+
+
+def test_the_sweep_visits_every_tile_at_every_roll_once_per_cycle():
+    det = make_detector(DetectConfig(fine_angles=[0.0, 30.0, -30.0]))
+    sched = det.fine.tiles_for(640, 480)
+    grid = tiles(640, 480, 256)
+    assert sched == [(t, a) for a in (0.0, 30.0, -30.0) for t in grid]
+    assert make_detector(DetectConfig(fine_angles=[0.0])).fine.tiles_for(640, 480) == [(t, 0.0) for t in grid]

@@ -115,7 +115,7 @@ def test_tiny_scene_video_through_the_daemon_finds_every_face(tmp_path, demo_fac
     run = run_daemon(video, {"detect.backend": "yunet"}, str(tmp_path), plan.fps)
     assert run["detector"] == "yunet"
     assert run["stats"]["detector"] == "yunet"
-    assert run["stats"]["detector_reason"] == "bundled face_detection_yunet_2026may.onnx"
+    assert run["stats"]["detector_reason"] == "bundled face_detection_yunet_2026may.tflite (LiteRT)"
     n = sum(len(sc.faces) for sc in plan.scenes)
     assert n >= 4
     r = score(plan, faces, [f.label for f in faces], run, min_face=48)

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--detector", default="yunet", choices=("yunet", "haar"),
                    help="face detector (default yunet, the bundled model)")
     p.add_argument("--detector-model", default="", metavar="ONNX",
-                   help="YuNet model file for --detector yunet (default: the bundled face_detection_yunet_2026may.onnx)")
+                   help="YuNet .onnx or .tflite for --detector yunet (default: the bundled YuNet through LiteRT)")
     p.add_argument("--detect-width", type=int, default=320, metavar="PX",
                    help="detect on frames downscaled to this width (default 320; 0 = full resolution)")
     p.add_argument("--fine-scale", type=float, default=1.0, metavar="S",
