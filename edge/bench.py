@@ -90,6 +90,7 @@ class BenchOptions:
     detect_width: int = 320
     fine_scale: float = 1.0  # detect.fine_scale: YuNet's fine search (0 = off, the 320 pass alone)
     fine_tile: int = 256  # detect.fine_tile: its sweep tile (160 costs less and finds fewer far faces)
+    fine_angles: list[float] = field(default_factory=lambda: [0.0, 30.0, -30.0])  # detect.fine_angles
     model: str = ""  # "" = the bundled model
     compare: str = ""  # second model, run interleaved on the same crops
     flip_average: bool = False  # model.flip_average: each face classified twice (mirrored), as the daemon would
@@ -145,7 +146,8 @@ class BenchOptions:
     def detect_config(self, every_n: int = 1) -> DetectConfig:
         """The daemon's [detect] settings these options stand for."""
         return DetectConfig(backend=self.detector, model_path=self.detector_model, detect_width=self.detect_width,
-                            fine_scale=self.fine_scale, fine_tile=self.fine_tile, every_n=every_n)
+                            fine_scale=self.fine_scale, fine_tile=self.fine_tile,
+                            fine_angles=list(self.fine_angles), every_n=every_n)
 
 
 @dataclass(frozen=True)
@@ -712,6 +714,8 @@ def command_line(opts: BenchOptions) -> str:
         args += ["--fine-scale", f"{opts.fine_scale:g}"]
     if opts.fine_tile != d.fine_tile:
         args += ["--fine-tile", str(opts.fine_tile)]
+    if list(opts.fine_angles) != list(d.fine_angles):
+        args += ["--fine-angles", *(f"{a:g}" for a in opts.fine_angles)]
     if opts.flip_average:
         args.append("--flip-average")
     for flag, value in (("--model", opts.model), ("--compare", opts.compare)):
@@ -779,7 +783,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = lambda msg: None) 
                       flip_average=opts.flip_average),
         "compare_model": other.info() if other is not None else None,
         "detector": {"backend": opts.detector, "detect_width": opts.detect_width, "fine_scale": opts.fine_scale,
-                     "fine_tile": opts.fine_tile,
+                     "fine_tile": opts.fine_tile, "fine_angles": list(opts.fine_angles),
                      "model_path": opts.detector_model or None, "runs": det.name, "reason": det.reason},
         "settings": {"iterations": opts.iterations, "warmup": opts.warmup, "grid": opts.grid,
                      "scene_frames": opts.scene_frames, "seed": opts.seed},

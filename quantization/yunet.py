@@ -12,6 +12,8 @@ The .tflite stops before YuNet's output reshapes: per stride (8, 16, 32) one NHW
 
     python3 -m quantization.yunet --onnx edge/models/face_detection_yunet_2026may.onnx \
         --out edge/models/face_detection_yunet_2026may.tflite --check ../shared/data/fer2013/test
+    python3 -m quantization.yunet --onnx edge/models/face_detection_yunet_2026may.onnx \
+        --out edge/models/face_detection_yunet_2026may.tflite --no-convert --time     # both runtimes' times
 
 Needs the ``train`` extra (TensorFlow) and ``onnx`` (pip install onnx); the daemon needs neither.
 """
@@ -176,18 +178,54 @@ def check(onnx_path: Path, tflite_path: Path, faces_dir: Path, n: int = 40) -> i
     return 0 if counts[0] == counts[1] and worst < 1.0 else 1
 
 
+def time_runtimes(onnx_path: Path, tflite_path: Path, n: int = 200) -> None:
+    """Per-call time of both runtimes at the fine search's input sizes, one thread, interleaved (median ms)."""
+    import time
+
+    import cv2
+
+    from edge.detect_litert import LiteYuNet
+
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng(0)
+    print("input     OpenCV DNN (.onnx)   LiteRT (.tflite)   ratio   (median ms per call, one thread)")
+    for size in ((320, 240), (256, 256), (144, 144)):
+        img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        runs = {"cv": cv2.FaceDetectorYN.create(str(onnx_path), "", size, 0.3, 0.3, 50).detect,
+                "lite": LiteYuNet(tflite_path, size, 0.3, 0.3, 50).detect}
+        times = {k: [] for k in runs}
+        for k, f in runs.items():
+            for _ in range(10):
+                f(img)
+        for _ in range(n):
+            for k, f in runs.items():
+                t0 = time.perf_counter()
+                f(img)
+                times[k].append(time.perf_counter() - t0)
+        cv_ms, lite_ms = (1000 * float(np.median(times[k])) for k in ("cv", "lite"))
+        print(f"{size[0]}x{size[1]:<5} {cv_ms:12.2f} {lite_ms:18.2f} {lite_ms / cv_ms:13.2f}x")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m quantization.yunet", description=__doc__.split("\n")[0])
     ap.add_argument("--onnx", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--check", type=Path, metavar="FACES_DIR",
                     help="compare with cv2.FaceDetectorYN on faces pasted from this folder")
+    ap.add_argument("--time", action="store_true",
+                    help="time both runtimes at the fine search's input sizes (the existing --out file if "
+                         "--no-convert)")
+    ap.add_argument("--no-convert", action="store_true", help="use the existing --out file (with --check/--time)")
     args = ap.parse_args(argv)
-    data = convert(args.onnx, args.out)
-    src = hashlib.sha256(args.onnx.read_bytes()).hexdigest()
-    print(f"{args.out}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()} (from {args.onnx.name}, "
-          f"sha256 {src})")
-    return check(args.onnx, args.out, args.check) if args.check else 0
+    if not args.no_convert:
+        data = convert(args.onnx, args.out)
+        src = hashlib.sha256(args.onnx.read_bytes()).hexdigest()
+        print(f"{args.out}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()} (from {args.onnx.name}, "
+              f"sha256 {src})")
+    rc = check(args.onnx, args.out, args.check) if args.check else 0
+    if args.time:
+        time_runtimes(args.onnx, args.out)
+    return rc
 
 
 if __name__ == "__main__":

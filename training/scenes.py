@@ -591,7 +591,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             r = score(plan, faces, still, run, cfg.detect.min_face, args.iou)
             r.update(backend=backend, wall_s=round(time.monotonic() - t0, 1),
                      settings={"detect_width": cfg.detect.detect_width, "fine_scale": cfg.detect.fine_scale,
-                               "fine_tile": cfg.detect.fine_tile, "min_face": cfg.detect.min_face,
+                               "fine_tile": cfg.detect.fine_tile, "fine_angles": list(cfg.detect.fine_angles),
+                               "min_face": cfg.detect.min_face,
                                "score_threshold": cfg.detect.score_threshold, "every_n": cfg.detect.every_n,
                                "max_missed_s": max_missed})
             results.append(r)

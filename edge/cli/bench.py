@@ -49,6 +49,8 @@ def register(subparsers) -> None:
                         "0 = off, the downscaled pass alone)")
     p.add_argument("--fine-tile", type=int, default=256, metavar="PX",
                    help="its sweep tile, as detect.fine_tile (default 256; 160 costs less, 0 = no sweep)")
+    p.add_argument("--fine-angles", type=float, nargs="+", default=[0.0, 30.0, -30.0], metavar="DEG",
+                   help="rolls the sweep searches, as detect.fine_angles (default 0 30 -30; 0 = upright only)")
     p.add_argument("--model", default="", metavar="TFLITE", help="model to benchmark (default: the bundled one)")
     p.add_argument("--compare", default="", metavar="TFLITE",
                    help="second model run interleaved on the same faces: latency ratio and top-1 agreement")
@@ -70,7 +72,8 @@ def options_from_args(args: argparse.Namespace):
 
     opts = BenchOptions(input=args.input, grid=args.grid, detector=args.detector,
                         detector_model=args.detector_model, detect_width=args.detect_width,
-                        fine_scale=args.fine_scale, fine_tile=args.fine_tile, model=args.model,
+                        fine_scale=args.fine_scale, fine_tile=args.fine_tile,
+                        fine_angles=list(args.fine_angles), model=args.model,
                         compare=args.compare, flip_average=args.flip_average)
     quick = {"faces": [3], "resolutions": ["640x480"], "threads": [1], "every_n": [1], "backends": ["ai-edge-litert"]}
     for attr, given in (("faces", args.faces), ("resolutions", args.resolution), ("threads", args.threads),
@@ -156,7 +159,9 @@ def _fine_search(det: dict) -> str:
         return ""
     if not det["fine_scale"]:
         return ", no fine search"
-    return f", fine search at scale {det['fine_scale']:g}, tile {det['fine_tile']}"
+    angles = det.get("fine_angles") or [0.0]
+    return (f", fine search at scale {det['fine_scale']:g}, tile {det['fine_tile']}, rolls "
+            f"{'/'.join(f'{a:g}' for a in angles)}")
 
 
 def _has_dot_product(simd: list[str]) -> bool:
