@@ -1,7 +1,8 @@
 """Convert the bundled YuNet ONNX face detector to a LiteRT (.tflite) model the daemon runs through XNNPACK.
 
-Why: OpenCV's DNN module runs YuNet at ~6.8 ms for a 320x240 frame on one Zen 2 core; LiteRT, already the
-classifier's runtime, runs the same weights faster (model card, "Face detection"). The graph is small and plain
+Why: LiteRT, already the classifier's runtime, runs the same weights in about half OpenCV DNN's time (6.56 vs
+3.81 ms a 320x240 frame on one Zen 2 core, ``--time``; model card, "Detector runtime") and needs no OpenCV >= 4.8,
+which 32-bit Pi OS lacks. The graph is small and plain
 (Conv, depthwise Conv, ReLU, MaxPool, nearest 2x upsampling, Add, Sigmoid), so it is rebuilt layer by layer in
 Keras from the ONNX initializers instead of going through a general ONNX converter, and the input keeps dynamic
 height and width: one file serves the coarse frame, the sweep tile and the re-detection window.
@@ -15,7 +16,8 @@ The .tflite stops before YuNet's output reshapes: per stride (8, 16, 32) one NHW
     python3 -m quantization.yunet --onnx edge/models/face_detection_yunet_2026may.onnx \
         --out edge/models/face_detection_yunet_2026may.tflite --no-convert --time     # both runtimes' times
 
-Needs the ``train`` extra (TensorFlow) and ``onnx`` (pip install onnx); the daemon needs neither.
+Converting needs the ``train`` extra (TensorFlow and onnx); ``--no-convert --check/--time`` and the daemon need
+neither.
 """
 from __future__ import annotations
 
