@@ -164,12 +164,15 @@ def test_fine_search_settings_reach_the_scenario_and_the_report():
     boards can be timed: they reach the scenario process (fewer detector calls without the sweep tile) and the
     report names them."""
     runs = {}
-    for args in ((), ("--fine-scale", "0")):
+    for args in ((), ("--fine-scale", "0"), ("--fine-angles", "0")):
         r = bench("--json", "--quick", "--faces", "0", "--iterations", "8", "--warmup", "1", *args)
         assert r.returncode == 0, r.stderr
         runs[args] = json.loads(r.stdout)
     on, off = runs[()], runs[("--fine-scale", "0")]
     assert on["detector"]["fine_scale"] == 1.0 and on["detector"]["fine_tile"] == 256
+    assert on["detector"]["fine_angles"] == [0.0, 30.0, -30.0] and "--fine-angles" not in on["command"]
+    upright = runs[("--fine-angles", "0")]
+    assert upright["detector"]["fine_angles"] == [0.0] and "--fine-angles 0" in upright["command"]
     assert off["detector"]["fine_scale"] == 0 and "--fine-scale 0" in off["command"]
     # An empty frame: the 320 pass alone is cheaper than the 320 pass plus a full-resolution tile every frame.
     assert off["scenarios"][0]["stages"]["detect"]["p50_ms"] < on["scenarios"][0]["stages"]["detect"]["p50_ms"]
