@@ -1,7 +1,7 @@
 """training.pareto: which models are on the front, and a figure whose labels do not print over each other."""
 from __future__ import annotations
 
-from training.pareto import label_place, pareto_front
+from training.pareto import label_place, pareto_front, point_kind
 
 
 def test_front_keeps_only_undominated_models():
@@ -22,3 +22,11 @@ def test_labels_of_close_points_do_not_overlap():
         assert all(not (r[0] < q[2] and q[0] < r[2] and r[1] < q[3] and q[1] < r[3]) for q in placed)
         assert box[0] < r[0] and r[2] < box[2]
         placed.append(r)
+
+
+def test_a_training_runs_export_is_a_candidate_not_a_release():
+    shipped = {"edge/models/fer_emotion.tflite"}
+    assert point_kind("/peer/fer_peer.tflite", "/peer/fer_peer.tflite", shipped) == "ref"
+    assert point_kind("edge/models/fer_emotion.tflite", "/p.tflite", shipped) == "shipped"
+    assert point_kind("runs/releases/fer_emotion-1.1.0.tflite", "/p.tflite", shipped) == "release"
+    assert point_kind("runs/lean-kd3/fer_emotion_lean.tflite", "/p.tflite", shipped) == "candidate"

@@ -64,6 +64,16 @@ def pareto_front(points: list[dict]) -> set[str]:
     return front
 
 
+def point_kind(path: str, ref: str, shipped: set[str]) -> str:
+    """ref, shipped, release (a bundle under a releases/ folder) or candidate: a training run's export that was
+    never released, drawn hollow so the figure does not pass it off as a model anyone can install."""
+    if path == ref:
+        return "ref"
+    if path in shipped:
+        return "shipped"
+    return "release" if Path(path).parent.name == "releases" else "candidate"
+
+
 def label_place(c, tw: int, th: int, placed, box) -> tuple[int, int]:
     """A text origin beside point ``c`` whose box stays in the plot and off the labels already placed: close
     points (two releases of one architecture) would otherwise print over each other."""
@@ -93,7 +103,8 @@ def draw(points: list[dict], path: Path, title: str, cpu: str = "", w: int = 900
     for a in np.arange(alo, ahi + 0.01, 1.0):
         cv2.line(img, (x0, Y(a)), (x1, Y(a)), (225, 225, 225), 1)
         cv2.putText(img, f"{a:.0f}%", (x0 - 45, Y(a) + 4), FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    for r in np.arange(0, rhi + 1e-9, 0.25):
+    step = 0.25 if rhi <= 2.5 else 0.5 if rhi <= 5 else 1.0  # labels 0.25x apart collide past about 2.5x
+    for r in np.arange(0, rhi + 1e-9, step):
         cv2.line(img, (X(r), y0), (X(r), y1), (235, 235, 235), 1)
         cv2.putText(img, f"{r:.2f}x", (X(r) - 16, y1 + 18), FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.line(img, (X(1.0), y0), (X(1.0), y1), (150, 150, 150), 1, cv2.LINE_AA)
@@ -105,7 +116,7 @@ def draw(points: list[dict], path: Path, title: str, cpu: str = "", w: int = 900
     for p in sorted(points, key=lambda q: q["kind"] != "shipped"):  # shipped models get the first pick of places
         color = {"ref": (0, 0, 200), "shipped": (200, 90, 0)}.get(p["kind"], (110, 110, 110))
         c = (X(p["ratio"]), Y(p["accuracy"] * 100))
-        cv2.circle(img, c, 6, color, -1, cv2.LINE_AA)
+        cv2.circle(img, c, 6, color, 2 if p["kind"] == "candidate" else -1, cv2.LINE_AA)  # hollow: not released
         text = f"{p['label']} {p['accuracy'] * 100:.2f}%"
         (tw, th), _ = cv2.getTextSize(text, FONT, 0.42, 1)
         tx, ty = label_place(c, tw, th, placed, (x0, y0, x1, y1))
@@ -150,11 +161,12 @@ def main(argv=None) -> int:
     for m in paths:
         clf = load_classifier(m)
         name = str(clf.manifest.get("name", Path(m).stem))
-        label = f"fer package {clf.version.removeprefix('fer-')} (peer)" if m == a.ref else \
-            f"{Path(m).stem} {clf.version} ({name.removeprefix('fer-emotion-')})" if m in shipped else \
-            f"{clf.version} {name.removeprefix('fer-emotion-')}"
-        points.append({"name": f"{name} {clf.version}", "label": label, "path": m,
-                       "kind": "ref" if m == a.ref else "shipped" if m in shipped else "release",
+        kind = point_kind(m, a.ref, shipped)
+        label = f"fer package {clf.version.removeprefix('fer-')} (peer)" if kind == "ref" else \
+            f"{Path(m).stem} {clf.version} ({name.removeprefix('fer-emotion-')})" if kind == "shipped" else \
+            f"{clf.version} {name.removeprefix('fer-emotion-')}" if kind == "release" else \
+            f"{name.removeprefix('fer-emotion-')} (not shipped)"
+        points.append({"name": f"{name} {clf.version}", "label": label, "path": m, "kind": kind,
                        "accuracy": accs[m], "size_bytes": Path(m).stat().st_size, **lat[m],
                        "ratio": round(lat[m]["p50_ms"] / lat[a.ref]["p50_ms"], 3)})
     front = pareto_front(points)
