@@ -263,6 +263,14 @@ def cpu_model() -> str:
 SIMD_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "avx512f", "avx2", "fma", "i8mm", "asimddp", "asimd", "neon")
 
 
+DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "i8mm", "asimddp"})
+
+
+def has_int8_dot_product(simd: list[str]) -> bool:
+    """Whether these SIMD_FLAGS include an int8 dot-product instruction (the fast int8 kernels)."""
+    return bool(DOT_PRODUCT_FLAGS & set(simd))
+
+
 def cpu_simd() -> list[str]:
     """Which of SIMD_FLAGS this CPU has (x86 'flags' / ARM 'Features' in /proc/cpuinfo)."""
     have: set[str] = set()

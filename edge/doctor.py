@@ -307,6 +307,81 @@ def check_view(image, detector, classifier) -> Check:
     return Check("view", OK, f"{len(boxes)} face{'s' if len(boxes) != 1 else ''} in the test frame: {faces}")
 
 
+# --- speed -------------------------------------------------------------------------------------------
+
+# Below this many frames a second with SPEED_FACES faces in view the doctor warns: the fine search's sweep and
+# the tracker's timeouts are tuned at 10 fps (edge.detect_fine), and the scene benchmark measures recall there.
+MIN_FPS = 10.0
+SPEED_FACES = 3
+SPEED_REPS = 5  # timed repetitions after one warm-up: enough for a median, about a second on a Pi 3
+
+
+def speed_verdict(detect_ms: float, face_ms: float, dot_product: bool, small_face_ms: Optional[float] = None,
+                  small_loss: Optional[float] = None, faces: int = SPEED_FACES, min_fps: float = MIN_FPS) -> Check:
+    """The frame time this board will have with ``faces`` faces in view (detection + each face classified, one
+    thread, as the daemon runs by default), and what to change when that is under ``min_fps``. ``small_loss``:
+    how many accuracy points the small model gives up (from the two manifests)."""
+    frame = detect_ms + faces * face_ms
+    fps = 1000.0 / frame if frame > 0 else float("inf")
+    detail = (f"detect {detect_ms:.1f} ms + {face_ms:.1f} ms a face: {frame:.0f} ms a frame with {faces} faces "
+              f"(about {min(fps, 999):.0f} fps)")
+    if not dot_product:
+        detail += "; this CPU has no int8 dot-product instruction (slower int8)"
+    if fps >= min_fps:
+        return Check("speed", OK, detail)
+    fixes = []
+    if small_face_ms is not None:
+        small = detect_ms + faces * small_face_ms
+        loss = f"; {small_loss:.1f} points less accurate" if small_loss is not None else ""
+        fixes.append(f'model.variant = "small" ({small_face_ms:.1f} ms a face: {small:.0f} ms a frame, '
+                     f'about {1000.0 / small:.0f} fps{loss})')
+    fixes.append("detect.every_n = 2 (detect every other frame)")
+    fixes.append("the README's board table (Boards: settings and expected frame rate)")
+    return Check("speed", WARN, f"{detail}, under {min_fps:.0f} fps", "; or ".join(fixes))
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up: the first call sets up the runtime's kernels
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def check_speed(detector, classifier, model_cfg, image=None, frame_size: tuple[int, int] = (640, 480),
+                reps: int = SPEED_REPS) -> Check:
+    """Time the daemon's detector on the test frame (a gray frame of the configured size when there is none) and
+    the classifier on SPEED_FACES faces, on this board; WARN under MIN_FPS with the settings that help. The small
+    model is timed too when it would be the fix (the bundled default model is configured)."""
+    from edge.bench import cpu_simd, has_int8_dot_product
+    from edge.classify import VARIANTS, ModelError, load_classifier
+
+    if image is None:
+        w, h = frame_size
+        image = np.random.default_rng(0).integers(96, 160, (h, w, 3), dtype=np.uint8)
+    size = classifier.input_size
+    faces = np.stack([np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))] * SPEED_FACES)
+    detect_ms = _median_ms(lambda: detector.detect(image), reps)
+    face_ms = _median_ms(lambda: classifier.predict(faces), reps) / SPEED_FACES
+    small_ms = small_loss = None
+    small = VARIANTS.get("small")
+    if (model_cfg.variant == "default" and not model_cfg.path and small is not None and small.is_file()
+            and detect_ms + SPEED_FACES * face_ms > 1000.0 / MIN_FPS):
+        try:
+            other = load_classifier(small, threads=model_cfg.threads)
+            batch = np.stack([np.tile(np.linspace(0, 255, other.input_size, dtype=np.uint8),
+                                      (other.input_size, 1))] * SPEED_FACES)
+            small_ms = _median_ms(lambda: other.predict(batch), reps) / SPEED_FACES
+            accs = [(c.manifest.get("metrics") or {}).get("int8_accuracy") for c in (classifier, other)]
+            if all(isinstance(a, (int, float)) for a in accs):
+                small_loss = 100.0 * (accs[0] - accs[1])
+        except ModelError:
+            small_ms = None
+    return speed_verdict(detect_ms, face_ms, has_int8_dot_product(cpu_simd()), small_ms, small_loss)
+
+
 # --- broker ------------------------------------------------------------------------------------------
 
 def check_broker(mqtt_cfg, opts: DoctorOptions) -> Check:
@@ -501,6 +576,11 @@ def run_doctor(cfg, opts: Optional[DoctorOptions] = None, out: Optional[TextIO] 
         except Exception as e:  # the pipeline failing on a real frame is a finding, not a crash
             emit(Check("view", FAIL, f"detect/classify failed on the test frame: {type(e).__name__}: {e}",
                        "report this with the frame: fer-edge snapshot -o frame.jpg"))
+    if detector is not None and classifier is not None:
+        try:
+            emit(check_speed(detector, classifier, cfg.model, image, (cfg.source.width, cfg.source.height)))
+        except Exception as e:  # timing must not take the rest of the report down
+            emit(Check("speed", WARN, f"could not time the pipeline: {type(e).__name__}: {e}"))
     emit(check_broker(cfg.mqtt, opts))
     emit(check_web(cfg.web, service_active=active))
     counts = {s: sum(1 for r in results if r.status == s) for s in (OK, WARN, FAIL, SKIP)}

@@ -164,13 +164,9 @@ def _fine_search(det: dict) -> str:
             f"{'/'.join(f'{a:g}' for a in angles)}")
 
 
-def _has_dot_product(simd: list[str]) -> bool:
-    return bool({"avx512_vnni", "avx_vnni", "i8mm", "asimddp"} & set(simd))
-
-
 def format_table(report: dict) -> str:
     """The report for people: machine, model, one row per scenario (ms), budget, compare."""
-    from edge.bench import SIMD_FLAGS
+    from edge.bench import SIMD_FLAGS, has_int8_dot_product
 
     m, mod = report["machine"], report["model"]
     lines = [
@@ -178,7 +174,7 @@ def format_table(report: dict) -> str:
         + (f", {m['board']}" if m.get("board") else "") + (f", governor {m['governor']}" if m.get("governor") else "")
         + f"), load average {m['loadavg_at_start']}",
         f"cpu features {' '.join(m.get('simd') or []) or 'none of ' + '/'.join(SIMD_FLAGS)} ("
-        + ("int8 dot-product instructions" if _has_dot_product(m.get("simd") or [])
+        + ("int8 dot-product instructions" if has_int8_dot_product(m.get("simd") or [])
            else "no int8 dot-product instruction (VNNI, dotprod): slower int8 kernels")
         + "; compare timings only between CPUs with the same features)",
         f"python {m['python']}, numpy {m['numpy']}, opencv {m['opencv']}, ai-edge-litert {m['ai-edge-litert']}, "

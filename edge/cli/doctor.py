@@ -1,4 +1,4 @@
-"""``fer-edge doctor``: check camera, model, broker, clock, disk and CPU; print what to fix (see edge/doctor.py)."""
+"""``fer-edge doctor``: check camera, model, speed, broker, clock, disk and CPU; print what to fix (see edge/doctor.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def register(sub) -> None:
     from edge.cli import add_config_args
 
     p = sub.add_parser(
-        "doctor", help="check camera, model, broker, clock, disk and CPU; print what to fix",
+        "doctor", help="check camera, model, speed, broker, clock, disk and CPU; print what to fix",
         description="One line per check: OK, WARN, FAIL or SKIP, with the fix. Exit status 1 if any check "
                     "failed. Uses the same config as the daemon (default /etc/fer-edge/config.toml).")
     add_config_args(p, verbose_help="also show the modules' log messages")
