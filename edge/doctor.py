@@ -316,6 +316,10 @@ SPEED_FACES = 3
 SPEED_REPS = 5  # timed repetitions after one warm-up: enough for a median, about a second on a Pi 3
 
 
+def _fps(fps: float) -> str:
+    return f"{fps:.1f}" if fps < 10 else f"{min(fps, 999):.0f}"  # "0 fps" would hide a 0.4 fps board
+
+
 def speed_verdict(detect_ms: float, face_ms: float, dot_product: bool, small_face_ms: Optional[float] = None,
                   small_loss: Optional[float] = None, faces: int = SPEED_FACES, min_fps: float = MIN_FPS) -> Check:
     """The frame time this board will have with ``faces`` faces in view (detection + each face classified, one
@@ -324,7 +328,7 @@ def speed_verdict(detect_ms: float, face_ms: float, dot_product: bool, small_fac
     frame = detect_ms + faces * face_ms
     fps = 1000.0 / frame if frame > 0 else float("inf")
     detail = (f"detect {detect_ms:.1f} ms + {face_ms:.1f} ms a face: {frame:.0f} ms a frame with {faces} faces "
-              f"(about {min(fps, 999):.0f} fps)")
+              f"(about {_fps(fps)} fps)")
     if not dot_product:
         detail += "; this CPU has no int8 dot-product instruction (slower int8)"
     if fps >= min_fps:
@@ -334,7 +338,7 @@ def speed_verdict(detect_ms: float, face_ms: float, dot_product: bool, small_fac
         small = detect_ms + faces * small_face_ms
         loss = f"; {small_loss:.1f} points less accurate" if small_loss is not None else ""
         fixes.append(f'model.variant = "small" ({small_face_ms:.1f} ms a face: {small:.0f} ms a frame, '
-                     f'about {1000.0 / small:.0f} fps{loss})')
+                     f'about {_fps(1000.0 / small)} fps{loss})')
     fixes.append("detect.every_n = 2 (detect every other frame)")
     fixes.append("the README's board table (Boards: settings and expected frame rate)")
     return Check("speed", WARN, f"{detail}, under {min_fps:.0f} fps", "; or ".join(fixes))
