@@ -30,6 +30,36 @@ def vgg(widths=(32, 64, 128, 256), reps=(2, 2, 2, 2), dropout=0.4, n_classes=7, 
     return keras.Model(inp, out, name=name)
 
 
+def vgg_lowrank(widths, reps, ranks: dict, dropout=0.4, n_classes=7, size=48, name="vgg_lr"):
+    """``vgg`` with some 3x3 convs factored into a 3x3 conv to ``ranks[name]`` channels and a 1x1 conv back to the
+    stage's width (no bias or ReLU between): 9*Cin*r + r*C instead of 9*Cin*C multiply-adds a pixel. Layer names
+    match ``vgg``'s (``{name}_conv`` is the 1x1, the 3x3 part is ``{name}_lr``), so ``training.lowrank`` can
+    start it from a trained ``vgg``'s weights."""
+    inp = keras.Input((size, size, 1), name="face")
+    x = inp
+    for s, (ch, n) in enumerate(zip(widths, reps)):
+        for r in range(n):
+            nm = f"s{s}_{r}"
+            if nm in ranks:
+                x = L.Conv2D(ranks[nm], 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                             name=f"{nm}_lr")(x)
+                x = L.Conv2D(ch, 1, use_bias=False, kernel_initializer="he_normal", name=f"{nm}_conv")(x)
+                x = L.BatchNormalization(name=f"{nm}_bn")(x)
+                x = L.ReLU(name=f"{nm}_relu")(x)
+            else:
+                x = _conv_bn_relu(x, ch, nm)
+        x = L.MaxPool2D(name=f"s{s}_pool")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dropout(dropout, name="drop")(x)
+    out = L.Dense(n_classes, activation="softmax", dtype="float32", name="probs")(x)
+    return keras.Model(inp, out, name=name)
+
+
+# Ranks of vgg-l-lr: chosen from the spectrum of 1.3.1's conv responses on training faces (python -m
+# training.lowrank prints the variance each rank keeps; model card): 54% of vgg-l's multiply-adds.
+VGG_L_LR_RANKS = {"s1_0": 32, "s1_1": 40, "s2_0": 64, "s2_1": 80, "s2_2": 80, "s3_0": 96, "s3_1": 96, "s3_2": 32}
+
+
 def dsep(widths=(64, 128, 256, 512), stem=32, dropout=0.3, n_classes=7, size=48, name="dsep"):
     """MobileNet-style stack: depthwise 3x3 + pointwise 1x1 pairs, fewer parameters per MAC."""
     inp = keras.Input((size, size, 1), name="face")
@@ -88,6 +118,9 @@ ARCHS = {
     # ... and stage 2 at 3/4 as well (58% of vgg-l's MACs): meets the frame budget but reached 67.51% int8 in one
     # pruned + distilled run, 1.65 points under the default, so not shipped (model card, Latency)
     "vgg-l60": lambda **k: vgg((32, 48, 96, 192), (1, 2, 3, 3), name="vgg_l60", **k),
+    # vgg-l with its 3x3 convs factored (low rank, vgg_lowrank): started from the shipped vgg-l's own weights by
+    # training.lowrank, which keeps what the responses need, then distilled from it (model card, Latency)
+    "vgg-l-lr": lambda **k: vgg_lowrank((32, 64, 128, 256), (1, 2, 3, 3), VGG_L_LR_RANKS, name="vgg_l_lr", **k),
     # 2.6M params, ~1.1 ms/face: over the 1 ms budget, kept for the comparison
     "vgg-m": lambda **k: vgg((48, 96, 192, 384), (1, 2, 2, 2), name="vgg_m", **k),
     # 0.55M params, ~0.59 ms/face
@@ -111,6 +144,9 @@ ARCHS = {
     "tiny": lambda **k: vgg((8, 16), (1, 1), dropout=0.1, name="tiny", **k),
     # tiny with fewer channels: the target of training.prune's tests
     "tiny-slim": lambda **k: vgg((5, 10), (1, 1), dropout=0.1, name="tiny_slim", **k),
+    # tiny with its second conv factored, at full rank (the same function) and at rank 4: training.lowrank's tests
+    "tiny-lr-full": lambda **k: vgg_lowrank((8, 16), (1, 1), {"s1_0": 16}, dropout=0.1, name="tiny_lr_full", **k),
+    "tiny-lr": lambda **k: vgg_lowrank((8, 16), (1, 1), {"s1_0": 4}, dropout=0.1, name="tiny_lr", **k),
 }
 
 

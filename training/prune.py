@@ -29,6 +29,7 @@ from training.tfenv import keras
 # PTQ and QAT exports name the same tensors differently (QAT: a quant_ prefix, fake-quant suffixes)
 CONV = re.compile(r"^[^/]+/(?:quant_)?(s\d+_\d+)_conv/Conv2D(?:;|$)")
 BIAS = re.compile(r"^[^/]+/(?:quant_)?(s\d+_\d+)_relu/Relu;")
+LOWRANK = re.compile(r"^[^/]+/(?:quant_)?s\d+_\d+_lr/")  # the 3x3 half of a training.lowrank conv
 HEAD = re.compile(r"^[^/]+/(?:quant_)?probs/(MatMul|BiasAdd)\d*(?:;|$)")
 
 
@@ -45,6 +46,9 @@ def bundle_weights(path: Path) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
         if not len(q["scales"]) or len(d["shape"]) not in (1, 2, 4) or d["shape"][0] == 1:
             continue  # activations (batch 1) and float constants
         name = d["name"]
+        if LOWRANK.match(name):
+            raise DataError(f"{path}: a factored network (training.lowrank); prune or factor the plain VGG it "
+                            f"came from instead")
         try:
             raw = it.get_tensor(d["index"])
         except ValueError:
@@ -125,6 +129,13 @@ def set_bn_stats(model, convs: dict, x: np.ndarray) -> None:
         bn.set_weights([np.sqrt(var + bn.epsilon), mu + b, mu, var])
 
 
+def sample_faces(splits, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` random training faces (for statistics) and the validation faces with their labels, as model inputs."""
+    tr, va = splits["train"], splits["val"]
+    pick = np.random.default_rng(0).permutation(len(tr.y))[:n]
+    return (tr.x[pick][..., None].astype(np.float32) / 255.0, va.x[..., None].astype(np.float32) / 255.0, va.y)
+
+
 def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     return float((model.predict(x, batch_size=512, verbose=0).argmax(1) == y).mean())
 
@@ -150,16 +161,13 @@ def main(argv=None) -> int:
     except (DataError, ModelError, OSError, ValueError) as e:
         print(f"prune: {e}", file=sys.stderr)
         return 2
-    tr, va = splits["train"], splits["val"]
-    size = tr.x.shape[1]
-    rng = np.random.default_rng(0)
-    xs = tr.x[rng.permutation(len(tr.y))[: a.faces]][..., None].astype(np.float32) / 255.0
-    xv = va.x[..., None].astype(np.float32) / 255.0
+    xs, xv, yv = sample_faces(splits, a.faces)
+    size = xs.shape[1]
     wide = models.build(src_arch, size=size, n_classes=len(head[1]))
     order = conv_names(wide)
     set_folded(wide, convs, head)
-    wide_acc = accuracy(wide, xv, va.y)
-    print(f"{bundle.name} as float {src_arch}: {wide_acc:.2%} on {len(va.y)} validation faces", flush=True)
+    wide_acc = accuracy(wide, xv, yv)
+    print(f"{bundle.name} as float {src_arch}: {wide_acc:.2%} on {len(yv)} validation faces", flush=True)
 
     target = models.build(a.arch, size=size, n_classes=len(head[1]))
     if conv_names(target) != order:
@@ -177,7 +185,7 @@ def main(argv=None) -> int:
     sconvs, shead = slim(convs, head, keep, order)
     set_folded(target, sconvs, shead)
     set_bn_stats(target, sconvs, xs)
-    slim_acc = accuracy(target, xv, va.y)
+    slim_acc = accuracy(target, xv, yv)
     print(f"{a.arch} from it, before training: {slim_acc:.2%}", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
