@@ -121,6 +121,8 @@ def train_command(run: dict) -> str:
     """The training command a run.json records: every option that differs from training.train's default."""
     from training.train import parser
 
+    if isinstance(run.get("command"), str):  # a run written by another tool (training.lowrank --tune-epochs)
+        return run["command"]
     words = ["python -m training.train"]
     for act in parser()._actions:
         if not act.option_strings or act.dest not in run or act.dest == "help":

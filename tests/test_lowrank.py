@@ -67,6 +67,28 @@ def test_low_rank_init_trains_and_is_not_pruned_again(bundle, tmp_path):  # noqa
         assert r.returncode == 2 and "factored network" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
 
 
+def test_tuning_fits_the_source_and_leaves_a_run_for_qat(bundle, tmp_path):  # noqa: F811
+    """--tune-epochs fits the factored network to the bundle's predictions (the KL falls), and writes the
+    run.json/history.csv that quantization.qat --train-run records in the manifest (the lowrank command, not a
+    training.train command it never ran)."""
+    from quantization.qat import history_summary, train_command
+
+    data, path = bundle[:2]
+    out = tmp_path / "run" / "best.h5"
+    r = lowrank(data, path, "tiny-lr", out, "--tune-epochs", "3", "--tune-lr", "0.003")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,loss,val_accuracy") and len(rows) == 4
+    losses = [float(row.split(",")[1]) for row in rows[1:]]
+    assert losses[-1] < losses[0], losses
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["arch"] == "tiny-lr" and run["epochs"] == 3
+    assert train_command(run).startswith("python -m training.lowrank --bundle ") and "--tune-epochs 3" in run["command"]
+    assert history_summary(tmp_path / "run" / "history.csv")["epochs_run"] == 3
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["accuracy_after_tuning"] == max(float(row.split(",")[2]) for row in rows[1:])
+
+
 def test_lowrank_errors_exit_2_in_one_line(bundle, tmp_path):  # noqa: F811
     data, path = bundle[:2]
     r = lowrank(data, path, "tiny", tmp_path / "plain.h5")  # factors nothing
@@ -77,6 +99,8 @@ def test_lowrank_errors_exit_2_in_one_line(bundle, tmp_path):  # noqa: F811
     assert r.returncode == 2 and "the same layers" in r.stderr
     r = lowrank(data, path, "tiny-lr", tmp_path / "x.h5", "--faces", "0")
     assert r.returncode == 2 and "--faces" in r.stderr
+    r = lowrank(data, path, "tiny-lr", tmp_path / "x.h5", "--tune-epochs", "-1")
+    assert r.returncode == 2 and "--tune-epochs" in r.stderr and "Traceback" not in r.stderr
     r = tool([sys.executable, "-m", "training.lowrank", "--bundle", path, "--arch", "tiny-lr", "--data", data,
               "--spectrum", "--faces", "50", "--cache-dir", tmp_path / "cache"])
     assert r.returncode == 0 and "s1_0 (16 channels" in r.stdout, r.stderr[-500:]
