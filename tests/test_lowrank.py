@@ -85,6 +85,12 @@ def test_tuning_fits_the_source_and_leaves_a_run_for_qat(bundle, tmp_path):  # n
     assert run["arch"] == "tiny-lr" and run["epochs"] == 3
     assert train_command(run).startswith("python -m training.lowrank --bundle ") and "--tune-epochs 3" in run["command"]
     assert history_summary(tmp_path / "run" / "history.csv")["epochs_run"] == 3
+    from quantization.qat import distill_targets
+    from training.data import load_dataset
+
+    n = len(load_dataset(data, cache_dir=tmp_path / "cache")["train"].y)
+    soft, weight = distill_targets(tmp_path / "run", n)  # what --qat-targets distill reads
+    assert weight == 1.0 and np.allclose(soft.sum(axis=1), 1.0, atol=1e-5) and (soft > 0).all()
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["accuracy_after_tuning"] == max(float(row.split(",")[2]) for row in rows[1:])
 

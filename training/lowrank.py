@@ -112,11 +112,12 @@ def factor(convs: dict, head, target, xs: np.ndarray, rng, log=print) -> dict:
     return folded, report
 
 
-def tune(model, source, x: np.ndarray, xv: np.ndarray, yv: np.ndarray, epochs: int, lr: float, batch: int = 128,
-         seed: int = 0, log=print) -> list[dict]:
-    """Fit ``model`` to ``source``'s predictions on faces ``x`` and their mirrors: KL divergence, BatchNorm and
-    dropout in inference mode, no augmentation, Adam with a cosine decay to 0; ``model`` ends with the weights of
-    its best epoch on the validation faces. Returns one history row an epoch.
+def tune(model, target: np.ndarray, x: np.ndarray, xv: np.ndarray, yv: np.ndarray, epochs: int, lr: float,
+         batch: int = 128, seed: int = 0, log=print) -> list[dict]:
+    """Fit ``model`` to the source's probabilities ``target`` on faces ``x`` then their mirrors
+    (``source_predictions``): KL divergence, BatchNorm and dropout in inference mode, no augmentation, Adam with a
+    cosine decay to 0; ``model`` ends with the weights of its best epoch on the validation faces. Returns one
+    history row an epoch.
 
     Why not training.train: that objective (augmented views, hard labels mixed in, batch statistics) moved the
     factored vgg-l-lr nowhere in 3 epochs (67.9% -> 67.6%), while this one only has to close the gap the
@@ -125,7 +126,6 @@ def tune(model, source, x: np.ndarray, xv: np.ndarray, yv: np.ndarray, epochs: i
 
     t0 = time.perf_counter()
     xs = np.concatenate([x, x[:, :, ::-1]])
-    target = source.predict(xs, batch_size=512, verbose=0)
     steps = max(1, epochs * (len(xs) // batch))
     opt = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps, alpha=0.0))
 
@@ -153,6 +153,15 @@ def tune(model, source, x: np.ndarray, xv: np.ndarray, yv: np.ndarray, epochs: i
             best = (acc, model.get_weights())
     model.set_weights(best[1])  # the best epoch's weights, as training.train's best.h5 (what qat reports)
     return rows
+
+
+def source_predictions(source, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The source's probabilities on faces ``x`` then on their mirrors (what ``tune`` fits), and per face their
+    normalised geometric mean: training.train's fixed distillation targets at temperature 1, which
+    quantization.qat --qat-targets distill fine-tunes towards."""
+    p = source.predict(np.concatenate([x, x[:, :, ::-1]]), batch_size=512, verbose=0)
+    g = np.sqrt(np.clip(p[: len(x)], 1e-7, 1) * np.clip(p[len(x):], 1e-7, 1))
+    return p, (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _has(model, name: str) -> bool:
@@ -250,9 +259,11 @@ def main(argv=None) -> int:
             "accuracy_before_training": round(acc, 4), "layers": report}
     if a.tune_epochs:
         xt = splits["train"].x[..., None].astype(np.float32) / 255.0
-        rows = tune(target, wide, xt, xv, yv, a.tune_epochs, a.tune_lr, log=lambda m: print(m, flush=True))
+        probs, soft = source_predictions(wide, xt)
+        rows = tune(target, probs, xt, xv, yv, a.tune_epochs, a.tune_lr, log=lambda m: print(m, flush=True))
         info["accuracy_after_tuning"] = max(r["val_accuracy"] for r in rows)
         write_run(out.parent, rows, a, target.count_params(), argv)
+        np.savez(out.parent / "teacher_targets.npz", soft=soft)
     target.save(out)
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     print(f"wrote {out}", flush=True)
@@ -261,13 +272,15 @@ def main(argv=None) -> int:
 
 def write_run(folder: Path, rows: list[dict], a, params: int, argv) -> None:
     """run.json and history.csv as training.train writes them, so quantization.qat --train-run can read this
-    tuning as the model's training (its manifest records the command)."""
+    tuning as the model's training (its manifest records the command); teacher_targets.npz beside them holds
+    the source's targets for --qat-targets distill."""
     import csv
     import shlex
 
     words = sys.argv[1:] if argv is None else [str(v) for v in argv]
     (folder / "run.json").write_text(json.dumps({
         "arch": a.arch, "params": params, "epochs": a.tune_epochs, "data": a.data, "bundle": a.bundle,
+        "distill_weight": 1.0,  # for quantization.qat --qat-targets distill: the source's targets alone
         "command": "python -m training.lowrank " + " ".join(shlex.quote(w) for w in words)}, indent=1))
     with open(folder / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
