@@ -321,25 +321,31 @@ def _fps(fps: float) -> str:
 
 
 def speed_verdict(detect_ms: float, face_ms: float, dot_product: bool, small_face_ms: Optional[float] = None,
-                  small_loss: Optional[float] = None, faces: int = SPEED_FACES, min_fps: float = MIN_FPS) -> Check:
-    """The frame time this board will have with ``faces`` faces in view (detection + each face classified, one
-    thread, as the daemon runs by default), and what to change when that is under ``min_fps``. ``small_loss``:
-    how many accuracy points the small model gives up (from the two manifests)."""
-    frame = detect_ms + faces * face_ms
+                  small_loss: Optional[float] = None, faces: int = SPEED_FACES, min_fps: float = MIN_FPS,
+                  max_faces_per_frame: int = 0) -> Check:
+    """The frame time this board will have with ``faces`` faces in view (detection + the faces classified in a
+    frame, at most ``max_faces_per_frame`` once tracked (0 = all), one thread, as the daemon runs), and what to
+    change when that is under ``min_fps``. ``small_loss``: how many accuracy points the small model gives up
+    (from the two manifests)."""
+    classified = min(faces, max_faces_per_frame) if max_faces_per_frame > 0 else faces
+    frame = detect_ms + classified * face_ms
     fps = 1000.0 / frame if frame > 0 else float("inf")
-    detail = (f"detect {detect_ms:.1f} ms + {face_ms:.1f} ms a face: {frame:.0f} ms a frame with {faces} faces "
-              f"(about {_fps(fps)} fps)")
+    turns = f", {classified} classified a frame" if classified < faces else ""
+    detail = (f"detect {detect_ms:.1f} ms + {face_ms:.1f} ms a face: {frame:.0f} ms a frame with {faces} faces"
+              f"{turns} (about {_fps(fps)} fps)")
     if not dot_product:
         detail += "; this CPU has no int8 dot-product instruction (slower int8)"
     if fps >= min_fps:
         return Check("speed", OK, detail)
     fixes = []
     if small_face_ms is not None:
-        small = detect_ms + faces * small_face_ms
+        small = detect_ms + classified * small_face_ms
         loss = f"; {small_loss:.1f} points less accurate" if small_loss is not None else ""
         fixes.append(f'model.variant = "small" ({small_face_ms:.1f} ms a face: {small:.0f} ms a frame, '
                      f'about {_fps(1000.0 / small)} fps{loss})')
     fixes.append("detect.every_n = 2 (detect every other frame)")
+    if classified > 1:
+        fixes.append(f"model.max_faces_per_frame = 1 (faces take turns: {detect_ms + face_ms:.0f} ms a frame)")
     fixes.append("the README's board table (Boards: settings and expected frame rate)")
     return Check("speed", WARN, f"{detail}, under {min_fps:.0f} fps", "; or ".join(fixes))
 
@@ -372,7 +378,7 @@ def check_speed(detector, classifier, model_cfg, image=None, frame_size: tuple[i
     small_ms = small_loss = None
     small = VARIANTS.get("small")
     if (model_cfg.variant == "default" and not model_cfg.path and small is not None and small.is_file()
-            and detect_ms + SPEED_FACES * face_ms > 1000.0 / MIN_FPS):
+            and detect_ms + min(SPEED_FACES, model_cfg.max_faces_per_frame or SPEED_FACES) * face_ms > 1000.0 / MIN_FPS):
         try:
             other = load_classifier(small, threads=model_cfg.threads)
             batch = np.stack([np.tile(np.linspace(0, 255, other.input_size, dtype=np.uint8),
@@ -383,7 +389,8 @@ def check_speed(detector, classifier, model_cfg, image=None, frame_size: tuple[i
                 small_loss = 100.0 * (accs[0] - accs[1])
         except ModelError:
             small_ms = None
-    return speed_verdict(detect_ms, face_ms, has_int8_dot_product(cpu_simd()), small_ms, small_loss)
+    return speed_verdict(detect_ms, face_ms, has_int8_dot_product(cpu_simd()), small_ms, small_loss,
+                         max_faces_per_frame=model_cfg.max_faces_per_frame)
 
 
 # --- broker ------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("capture_wait", "detect", "preprocess", "classify", "track_publish", "total")
 # Keys that SIGHUP can apply without restarting (whole sections end with '.').
-LIVE_KEYS = ("track.", "detect.", "mqtt.stats_interval_s", "service.", "model.flip_average")
+LIVE_KEYS = ("track.", "detect.", "mqtt.stats_interval_s", "service.", "model.flip_average",
+             "model.max_faces_per_frame")
 # Exit status when events were lost: dropped from a full outbox or still undelivered at the end of the
 # shutdown flush (service.shutdown_timeout_s). 2 stays "configuration/model error" (no restart by systemd).
 EXIT_EVENTS_LOST = 3
@@ -120,6 +121,7 @@ class Service:
         self.error_counts: collections.Counter = collections.Counter()
         self.frames = 0
         self.detections = 0
+        self.classified = 0  # faces the classifier ran on (model.max_faces_per_frame bounds it per frame)
         self.stop_reason: str | None = None
         self.exit_code = 0  # 1 when the daemon ends itself because the source is stuck (no watchdog)
         self._source_stalled = False  # the stall has been reported
@@ -130,7 +132,7 @@ class Service:
         self.homeassistant: HomeAssistant | None = None  # discovery + state topic (also clears it when off)
         self.updates: UpdateManager | None = None  # model updates: install, hot swap, probation, rollback
         self.web = None  # edge.web.server.WebServer when [web] enabled: reads what the loop hands it, never waits
-        self._frame_faces: tuple = ((), None)  # (boxes, probabilities) classified in the current frame
+        self._frame_faces: tuple = ((), None, 0)  # (boxes, probabilities, faces classified) of the current frame
         self._started_mono = time.monotonic()
         self._last_stats_mono = self._last_log_stats_mono = self._started_mono
         self._frames_at_last_stats = 0
@@ -228,9 +230,9 @@ class Service:
                     self.error_counts["frame"] += 1
                     self.errors.error("frame", "frame %d skipped: %s: %s", frame.index, type(e).__name__, e)
                 if self.web is not None:  # references only: the web threads annotate and encode
-                    kept, probs = self._frame_faces
+                    kept, probs, classified = self._frame_faces
                     self.web.feed.on_frame(frame.image, frame.timestamp, self.tracker.tracks(), kept, probs,
-                                           self.classifier.labels)
+                                           self.classifier.labels, classified)
             now = time.monotonic()
             self._feed_watchdog(now)
             self._housekeeping(now)
@@ -268,7 +270,7 @@ class Service:
     def _process(self, frame) -> None:
         """One frame through detect -> preprocess -> classify -> track -> publish; never raises."""
         self.frames += 1
-        self._frame_faces = ((), None)
+        self._frame_faces = ((), None, 0)
         ts = frame.timestamp
         image = frame.image
         t_start = time.monotonic()
@@ -291,26 +293,38 @@ class Service:
         if detect_frame:  # skipped frames would drag the detector's percentiles towards zero
             self.latency.add("detect", t_det - t_start)
 
-        crops, kept = [], []
-        for box in boxes:
+        n_labels = len(self.classifier.labels)
+        fresh, prior = [True] * len(boxes), np.zeros((len(boxes), n_labels), np.float32)
+        if boxes:
             try:
-                crops.append(self.classifier.face_input(image, box))
-                kept.append(box)
-            except Exception as e:
-                self.error_counts["preprocess"] += 1
-                self.errors.error("preprocess", "cannot crop face %s on frame %d: %s", box, frame.index, e)
+                fresh, prior = self.tracker.select(boxes, ts, self.cfg.model.max_faces_per_frame)
+            except Exception as e:  # classify them all rather than lose the frame
+                self.error_counts["track"] += 1
+                self.errors.error("track", "tracker.select failed: %s: %s", type(e).__name__, e)
+        crops, kept, kept_fresh, kept_prior = [], [], [], []
+        for box, new, old in zip(boxes, fresh, prior):
+            if new:
+                try:
+                    crops.append(self.classifier.face_input(image, box))
+                except Exception as e:
+                    self.error_counts["preprocess"] += 1
+                    self.errors.error("preprocess", "cannot crop face %s on frame %d: %s", box, frame.index, e)
+                    continue
+            kept.append(box)
+            kept_fresh.append(new)
+            kept_prior.append(old)
         t_pre = time.monotonic()
-        if boxes:  # per-face stages: frames without faces would report a meaningless ~0 ms
+        if crops:  # per-face stages: frames without faces would report a meaningless ~0 ms
             self.latency.add("preprocess", t_pre - t_det)
 
-        n_labels = len(self.classifier.labels)
-        probs = np.zeros((0, n_labels), dtype=np.float32)
+        probs = np.asarray(kept_prior, dtype=np.float32).reshape(len(kept), n_labels)
         if crops:
             try:
-                probs = self.classifier.predict(np.stack(crops), flip_average=self.cfg.model.flip_average)
-                probs = np.asarray(probs, dtype=np.float32)
-                if probs.shape != (len(crops), n_labels) or not np.all(np.isfinite(probs)):
-                    raise ValueError(f"classifier returned shape {probs.shape} / non-finite values")
+                out = self.classifier.predict(np.stack(crops), flip_average=self.cfg.model.flip_average)
+                out = np.asarray(out, dtype=np.float32)
+                if out.shape != (len(crops), n_labels) or not np.all(np.isfinite(out)):
+                    raise ValueError(f"classifier returned shape {out.shape} / non-finite values")
+                probs[np.asarray(kept_fresh, bool)] = out
             except Exception as e:
                 self.error_counts["classify"] += 1
                 self.errors.error("classify", "classifier failed on frame %d: %s: %s", frame.index,
@@ -321,13 +335,14 @@ class Service:
                 return
             if self.updates is not None:
                 self.updates.frame_result(True)
-        self._frame_faces = (kept, probs)
+            self.classified += len(crops)
+        self._frame_faces = (kept, probs, len(crops))
         t_cls = time.monotonic()
         if crops:
             self.latency.add("classify", t_cls - t_pre)
 
         if kept or detect_frame:
-            events = self._safe_tracker("update", kept, probs, ts)
+            events = self._safe_tracker("update", kept, probs, ts, kept_fresh)
         else:
             events = self._safe_tracker("predict_only", ts)
         self._emit(events)
@@ -404,6 +419,7 @@ class Service:
             "fps": round(self._last_fps, 2),
             "frames": self.frames,
             "detections": self.detections,
+            "faces_classified": self.classified,
             "faces_in_view": self.tracker.active if self.tracker is not None else 0,
             "latency_ms": self.latency.summary(),
             "detector": self.detector.name if self.detector is not None else None,

@@ -5,6 +5,11 @@ confirmed and emits "new". Confirmed tracks emit "update" when the smoothed domi
 `min_update_gap_s`) or every `update_interval_s`, and "end" (with a summary) once unseen for more than `max_missed_s`.
 Tentative tracks that expire are dropped without events. The config object is read on every call, so live changes
 to it take effect immediately.
+
+``select`` decides, before classification, which of a frame's faces the classifier sees: new and tentative faces
+always (their first frames decide "new"), confirmed ones in turns, least recently classified first, so a frame
+costs at most ``limit`` classifications once its faces are known (``model.max_faces_per_frame``). A face left out
+keeps its box up to date and its smoothed scores as they were.
 """
 
 from __future__ import annotations
@@ -71,9 +76,9 @@ def iou(a: Box, b: Box) -> float:
 
 class _Track:
     __slots__ = ("face_id", "box", "first_seen", "last_seen", "hits", "ema", "prob_sum", "label_time",
-                 "label_frames", "last_emit", "emitted_emotion")
+                 "label_frames", "last_emit", "emitted_emotion", "classified", "classified_at")
 
-    def __init__(self, box: Box, probs: np.ndarray, ts: float) -> None:
+    def __init__(self, box: Box, probs: np.ndarray, ts: float, seq: int = 0) -> None:
         self.face_id: Optional[str] = None  # assigned on confirmation
         self.box = box
         self.first_seen = ts
@@ -86,12 +91,17 @@ class _Track:
         self.label_frames[int(np.argmax(self.ema))] += 1
         self.last_emit = ts
         self.emitted_emotion = -1
+        self.classified = 1  # observations that carried the classifier's scores (the others only moved the box)
+        self.classified_at = seq  # Tracker frame number of the latest of them: who is next in select()
 
-    def observe(self, box: Box, probs: np.ndarray, ts: float, smoothing: float) -> None:
+    def observe(self, box: Box, probs: np.ndarray | None, ts: float, smoothing: float, seq: int = 0) -> None:
         # Time since the previous observation counts for the emotion that was dominant during it.
         self.label_time[int(np.argmax(self.ema))] += max(0.0, ts - self.last_seen)
-        self.ema = smoothing * self.ema + (1.0 - smoothing) * probs
-        self.prob_sum += probs
+        if probs is not None:
+            self.ema = smoothing * self.ema + (1.0 - smoothing) * probs
+            self.prob_sum += probs
+            self.classified += 1
+            self.classified_at = seq
         self.label_frames[int(np.argmax(self.ema))] += 1
         self.box = box
         self.last_seen = ts
@@ -113,6 +123,7 @@ class Tracker:
         self.labels = list(labels)
         self._tracks: list[_Track] = []
         self._counter = 0
+        self._frame = 0  # update() calls: the clock of select()'s turns
         self._last_ts: Optional[float] = None
 
     @property
@@ -124,8 +135,30 @@ class Tracker:
         """(face_id, last box) of the confirmed tracks."""
         return [(t.face_id, t.box) for t in self._tracks if t.face_id is not None]
 
-    def update(self, boxes: list[Box], probs: np.ndarray, ts: float) -> list[TrackEvent]:
-        """Feed one detection frame: boxes with their class probabilities (N, n_labels) at time ts."""
+    def select(self, boxes: list[Box], ts: float, limit: int) -> tuple[list[bool], np.ndarray]:
+        """Which of this frame's ``boxes`` to classify, before ``update(boxes, probs, ts, fresh)`` is fed them.
+
+        A box that starts a track or continues a tentative one is always classified; boxes of confirmed tracks
+        take turns, least recently classified first, within ``limit`` classifications for the frame (0 = every
+        box). Returns (fresh, prior): per box whether to classify it, and (N, n_labels) the smoothed scores of
+        the track a box continues (zeros for a new face), for a box left out. Changes nothing."""
+        prior = np.zeros((len(boxes), len(self.labels)), dtype=np.float32)
+        if limit <= 0:
+            return [True] * len(boxes), prior
+        live = [t for t in self._tracks if ts - t.last_seen <= self.cfg.max_missed_s]  # what update() keeps
+        match = self._match(live, boxes)
+        fresh = [di not in match or live[match[di]].face_id is None for di in range(len(boxes))]
+        turns = sorted((live[ti].classified_at, di) for di, ti in match.items() if not fresh[di])
+        for _, di in turns[:max(0, limit - sum(fresh))]:
+            fresh[di] = True
+        for di, ti in match.items():
+            prior[di] = live[ti].ema
+        return fresh, prior
+
+    def update(self, boxes: list[Box], probs: np.ndarray, ts: float, fresh: list[bool] | None = None) -> list[TrackEvent]:
+        """Feed one detection frame: boxes with their class probabilities (N, n_labels) at time ts. ``fresh``
+        (from ``select``): which rows the classifier produced this frame; the others only move their track's
+        box (a row is still needed: a box that no longer continues a track starts one with it)."""
         probs = np.asarray(probs, dtype=np.float64)
         if len(boxes) == 0:
             probs = probs.reshape(0, len(self.labels))
@@ -134,31 +167,23 @@ class Tracker:
                              f"{len(self.labels)} labels")
         if not np.all(np.isfinite(probs)):
             raise ValueError("probs contain NaN/inf")
+        if fresh is not None and len(fresh) != len(boxes):
+            raise ValueError(f"fresh has {len(fresh)} flags for {len(boxes)} boxes")
         ts = self._clock(ts)
         cfg = self.cfg
         events = self._expire(ts)
+        self._frame += 1
 
-        pairs = []
-        for ti, t in enumerate(self._tracks):
-            for di, b in enumerate(boxes):
-                v = iou(t.box, b)
-                if v >= cfg.iou_threshold:
-                    pairs.append((-v, ti, di))
-        pairs.sort()  # highest IoU first; ties by track age then detection order (deterministic)
-        used_t, used_d = set(), set()
-        for _, ti, di in pairs:
-            if ti in used_t or di in used_d:
-                continue
-            used_t.add(ti)
-            used_d.add(di)
+        match = self._match(self._tracks, boxes)
+        for di, ti in match.items():  # in pairing order, as events were always emitted
             t = self._tracks[ti]
-            t.observe(boxes[di], probs[di], ts, cfg.smoothing)
+            t.observe(boxes[di], probs[di] if fresh is None or fresh[di] else None, ts, cfg.smoothing, self._frame)
             ev = self._after_observe(t, ts)
             if ev is not None:
                 events.append(ev)
         for di, b in enumerate(boxes):
-            if di not in used_d:
-                t = _Track(b, probs[di], ts)
+            if di not in match:
+                t = _Track(b, probs[di], ts, self._frame)
                 self._tracks.append(t)
                 ev = self._after_observe(t, ts)
                 if ev is not None:
@@ -177,6 +202,24 @@ class Tracker:
         return events
 
     # ---- internals --------------------------------------------------------------------------------------------
+
+    def _match(self, tracks: list[_Track], boxes: list[Box]) -> dict[int, int]:
+        """Greedy IoU association: box index -> track index, highest overlap first; ties by track age then
+        detection order, so select() and update() pair the same boxes with the same tracks."""
+        pairs = []
+        for ti, t in enumerate(tracks):
+            for di, b in enumerate(boxes):
+                v = iou(t.box, b)
+                if v >= self.cfg.iou_threshold:
+                    pairs.append((-v, ti, di))
+        pairs.sort()
+        used_t, match = set(), {}
+        for _, ti, di in pairs:
+            if ti in used_t or di in match:
+                continue
+            used_t.add(ti)
+            match[di] = ti
+        return match
 
     def _clock(self, ts: float) -> float:
         # Wall clocks jump back (NTP on a Pi without RTC). Rebase the tracks so durations and timeouts stay sane.
@@ -224,7 +267,7 @@ class Tracker:
         scores = {lab: float(v) for lab, v in zip(self.labels, t.ema)}
         summary = None
         if kind == "end":
-            mean = t.prob_sum / t.hits
+            mean = t.prob_sum / t.classified
             total = float(t.label_time.sum())
             share = t.label_time / total if total > 0 else t.label_frames / t.label_frames.sum()
             # Most time spent in; ties (e.g. equal frame counts) go to the higher mean score.

@@ -252,6 +252,13 @@ def test_speed_verdict_is_ok_at_10_fps_and_names_the_fixes_below():
     assert without_small.status == WARN and "model.variant" not in without_small.fix
     assert "(about 0.4 fps)" in without_small.detail  # a board this slow is not rounded to 0 fps
     assert "detect.every_n = 2" in without_small.fix
+    assert "model.max_faces_per_frame = 1 (faces take turns: 2200 ms a frame)" in without_small.fix
+    # model.max_faces_per_frame: a 3-face frame costs the faces classified in it, and says so
+    two = speed_verdict(7.0, 3.0, dot_product=True, max_faces_per_frame=2)
+    assert "13 ms a frame with 3 faces, 2 classified a frame" in two.detail
+    assert "16 ms a frame with 3 faces (" in speed_verdict(7.0, 3.0, dot_product=True, max_faces_per_frame=5).detail
+    one = speed_verdict(2000.0, 200.0, dot_product=True, max_faces_per_frame=1)
+    assert "2200 ms a frame with 3 faces, 1 classified a frame" in one.detail and "max_faces_per_frame" not in one.fix
 
 
 class _SlowDetector:

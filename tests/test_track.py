@@ -260,3 +260,85 @@ def test_validate(kw, field):
         TrackConfig(**kw).validate()
     assert str(ei.value).startswith(f"{field}:")
     TrackConfig().validate()
+
+
+# --- select: which faces the classifier sees (model.max_faces_per_frame) -------------------------------------------
+
+C = Box(250, 300, 85, 85)
+
+
+def confirmed(tr: Tracker, boxes: list[Box], labels: list[str], ts0: float = 0.0, frames: int = 2) -> float:
+    """Feed every box with its label for ``frames`` frames (min_hits=2 confirms them); returns the next ts."""
+    ts = ts0
+    for _ in range(frames):
+        tr.update(boxes, probs(*(p(lab) for lab in labels)), ts)
+        ts += 0.1
+    return ts
+
+
+def test_select_new_and_tentative_faces_are_always_classified():
+    tr = make(min_hits=3)
+    fresh, prior = tr.select([A, B, C], 0.0, 1)
+    assert fresh == [True, True, True] and not prior.any()  # no track yet: every face is new
+    tr.update([A, B, C], probs(p("happy"), p("sad"), p("angry")), 0.0)
+    fresh, _ = tr.select([A, B, C], 0.1, 1)
+    assert fresh == [True, True, True]  # tentative (1 of 3 hits): their first frames decide "new"
+
+
+def test_select_confirmed_faces_take_turns_least_recently_classified_first():
+    tr = make(min_hits=2, smoothing=0.0)
+    ts = confirmed(tr, [A, B, C], ["happy", "sad", "angry"])
+    assert tr.active == 3
+    turns, last = [], ["happy", "sad", "angry"]
+    for frame in range(6):
+        fresh, prior = tr.select([A, B, C], ts, 1)
+        assert sum(fresh) == 1
+        turns.append(fresh.index(True))
+        # rows left out carry their track's smoothed scores: what it was last classified as
+        for i, lab in enumerate(last):
+            if not fresh[i]:
+                assert LABELS[int(np.argmax(prior[i]))] == lab
+        now = LABELS[frame % len(LABELS)]
+        last = [now if f else lab for f, lab in zip(fresh, last)]
+        rows = [p(now) if f else prior[i] for i, f in enumerate(fresh)]
+        tr.update([A, B, C], probs(*rows), ts, fresh)
+        ts += 0.1
+    assert sorted(turns[:3]) == [0, 1, 2] and turns[3:] == turns[:3]  # round robin, nobody starved
+    fresh, _ = tr.select([A, B, C], ts, 2)
+    assert sum(fresh) == 2
+    assert tr.select([A, B, C], ts, 0)[0] == [True] * 3  # 0 = every face every frame
+    assert tr.select([A, B, C], ts, 5)[0] == [True] * 3
+
+
+def test_a_face_left_out_keeps_its_scores_but_its_box_and_time_move():
+    tr = make(min_hits=2, smoothing=0.5, max_missed_s=1.0, update_interval_s=0.0)
+    ts = confirmed(tr, [A], ["happy"])
+    moved = Box(A.x + 6, A.y + 4, A.w, A.h)
+    before = tr.select([moved], ts, 1)[1][0].copy()
+    # A row the caller made up for a face it did not classify must not reach the scores.
+    for k in range(15):  # 1.5 s: longer than max_missed_s, so only the box updates keep the track alive
+        assert tr.update([moved], probs(p("angry")), ts + 0.1 * k, [False]) == []
+    (end,) = tr.predict_only(ts + 0.1 * 14 + 1.01)
+    assert end.type == "end" and end.bbox == moved and end.emotion == "happy"
+    assert end.last_seen == pytest.approx(ts + 1.4)
+    assert np.allclose([end.scores[lab] for lab in LABELS], before)
+    s = end.summary
+    assert s["frames"] == 17 and s["dominant"] == "happy"
+    assert s["mean_scores"]["happy"] == pytest.approx(0.9)  # averaged over the 2 classified frames only
+
+
+def test_update_checks_the_fresh_flags():
+    tr = make()
+    with pytest.raises(ValueError, match="fresh"):
+        tr.update([A, B], probs(p("happy"), p("sad")), 0.0, [True])
+
+
+def test_select_pairs_boxes_as_update_does_and_skips_expired_tracks():
+    tr = make(min_hits=2, max_missed_s=1.0)
+    ts = confirmed(tr, [A], ["happy"])
+    # A box that overlaps two tracks goes to the one update() would give it: select and update agree.
+    assert tr.select([A], ts + 5.0, 1)[0] == [True]  # the track expired: this face starts a new one
+    fresh, _ = tr.select([Box(A.x + 2, A.y, A.w, A.h)], ts, 1)
+    assert fresh == [True]  # the only confirmed face, under the limit
+    fresh, _ = tr.select([Box(A.x + 2, A.y, A.w, A.h), B], ts, 1)
+    assert fresh == [False, True]  # B is new (always classified) and uses the frame's one classification

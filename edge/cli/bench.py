@@ -56,6 +56,9 @@ def register(subparsers) -> None:
                    help="second model run interleaved on the same faces: latency ratio and top-1 agreement")
     p.add_argument("--flip-average", action="store_true",
                    help="classify each face and its mirror image and average them (model.flip_average = true)")
+    p.add_argument("--max-faces-per-frame", type=int, default=None, metavar="K",
+                   help="faces classified per frame at most, tracked faces taking turns, as model.max_faces_per_frame "
+                        "(default: the daemon's, 2; 0 = every face every frame)")
     p.add_argument("--iterations", type=int, metavar="N", help="measured frames per scenario (default 200)")
     p.add_argument("--warmup", type=int, metavar="N", help="unmeasured frames first (default 20)")
     p.add_argument("--quick", action="store_true",
@@ -75,6 +78,8 @@ def options_from_args(args: argparse.Namespace):
                         fine_scale=args.fine_scale, fine_tile=args.fine_tile,
                         fine_angles=list(args.fine_angles), model=args.model,
                         compare=args.compare, flip_average=args.flip_average)
+    if args.max_faces_per_frame is not None:
+        opts.max_faces_per_frame = args.max_faces_per_frame
     quick = {"faces": [3], "resolutions": ["640x480"], "threads": [1], "every_n": [1], "backends": ["ai-edge-litert"]}
     for attr, given in (("faces", args.faces), ("resolutions", args.resolution), ("threads", args.threads),
                         ("every_n", args.every_n), ("backends", args.backend)):
@@ -137,6 +142,7 @@ def _pair(stats: dict) -> str:
 
 COLUMNS = (  # header, width, cell(scenario)
     ("faces", 5, lambda s: f"{s['faces_detected_mean']:.1f}"),
+    ("clsd", 4, lambda s: f"{s.get('faces_classified_mean', s['faces_detected_mean']):.1f}"),
     ("capture", 11, lambda s: _pair(s["stages"]["capture"])),
     ("detect", 11, lambda s: _pair(s["stages"]["detect"])),
     ("preproc", 9, lambda s: _pair(s["stages"]["preprocess"])),
@@ -197,8 +203,10 @@ def format_table(report: dict) -> str:
         lines.append(f"{s['id']:<{idw}} " + " ".join(f"{cell(s):>{w}}" for _, w, cell in COLUMNS))
     lines += [
         "",
-        "faces = found per frame (tracked boxes on frames without detection); capture = decode; total = detect + "
-        "preproc + classify + trk+pub (the daemon's work per frame);",
+        "faces = found per frame (tracked boxes on frames without detection); clsd = classified per frame (at most "
+        f"model.max_faces_per_frame = {report['settings'].get('max_faces_per_frame', 0)} once tracked, 0 = all; "
+        "new faces always); capture = decode;",
+        "total = detect + preproc + classify + trk+pub (the daemon's work per frame); cls/face = classify / clsd;",
         "trk+pub = tracker + " + report["publish_measures"] + "; cpu/f = process CPU ms per frame, all threads; "
         "load = model load ms; rss/peak = MB",
         "", "budget (x86, one thread):",

@@ -40,8 +40,11 @@ class Feed:
 
     # --- loop side -------------------------------------------------------------------------------
 
-    def on_frame(self, image: np.ndarray, epoch: float, tracks, kept: Sequence, probs, labels: Sequence[str]) -> None:
-        """A processed frame: ``tracks`` = tracker.tracks(), ``kept``/``probs`` = the boxes classified in it."""
+    def on_frame(self, image: np.ndarray, epoch: float, tracks, kept: Sequence, probs, labels: Sequence[str],
+                 classified: Optional[int] = None) -> None:
+        """A processed frame: ``tracks`` = tracker.tracks(), ``kept``/``probs`` = the frame's boxes and their
+        scores, ``classified`` = how many of them the classifier ran on (default: all; the others, with
+        model.max_faces_per_frame, carry their track's smoothed scores)."""
         now = time.monotonic()
         row_of = {id(b): i for i, b in enumerate(kept)} if probs is not None else {}
         scores = {}
@@ -52,7 +55,7 @@ class Feed:
             if row is not None:
                 scores[fid] = row
             faces.append((fid, box, row))
-        self.faces_classified += len(kept) if probs is not None else 0
+        self.faces_classified += (len(kept) if classified is None else classified) if probs is not None else 0
         with self._lock:
             self._last_frame_mono = now
             self._scores = scores

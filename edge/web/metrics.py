@@ -50,7 +50,7 @@ class _Snapshot:
         age = snap.get("last_frame_age_s")
         if age is not None:
             yield _gauge("fer_edge_last_frame_age_seconds", "Seconds since the last processed frame", age)
-        yield _counter("fer_edge_faces_classified", "Faces classified (one per face per frame)",
+        yield _counter("fer_edge_faces_classified", "Faces the classifier ran on",
                        snap.get("faces_classified", 0))
         if s is None:
             return
