@@ -98,11 +98,17 @@ class Lines:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
+
+    def drained(self, timeout: float = 30) -> None:
+        """After the process exited: wait until its last stdout lines are read (the pipe reaches EOF). A fixed
+        short sleep lost the demo's closing lines on a loaded CI machine."""
+        self._reader.join(timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -165,10 +171,12 @@ def capture(fast: bool) -> dict[str, str]:
         if demo.proc.wait(120) != 0:
             raise SystemExit(f"readme_samples: fer-edge demo exited {demo.proc.returncode}: "
                              f"{demo.proc.stderr.read()[-800:]}")
-        time.sleep(0.2)  # its last lines through the reader thread
+        demo.drained()
     finally:
         for p in procs:
             p.stop()
+        for p in procs:
+            p.drained(10)
         try:
             rec.stop()
         except NameError:
